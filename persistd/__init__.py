@@ -1,0 +1,1 @@
+"""persistd: the translation system's persistence daemon. The daemon is persistd.daemon."""

@@ -1,0 +1,3 @@
+from persistd.daemon import main
+
+main()

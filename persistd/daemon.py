@@ -1,0 +1,1194 @@
+"""persistd: accepts translation progress over HTTP at once, writes it to MySQL behind.
+
+One trio nursery in `run()` holds the actors. Each is a top-level async function that owns
+its state as local variables and talks only through the channel ends it was handed:
+
+    clients ──HTTP──► http actor ──Write/Flush/Status/Drain──► buffer actor ──Job──► flusher actor ──► MySQL
+                      (quart-trio on                           (sole owner of    ◄──Written/Failed──┘
+                       hypercorn's trio worker)                 unflushed rows)
+
+- http: validates every batch with msgspec at the door and answers 202 as soon as the
+  buffer has taken it; nothing that MySQL could refuse later is accepted.
+- buffer: coalesces rows by primary key (last accepted write wins), holds tasks whose
+  session has not arrived yet, decides when to flush and when to retry, and is the only
+  place that knows which rows are not yet in the database.
+- flusher: writes one snapshot per job in one transaction over one dedicated connection,
+  sessions before tasks, and reports what it wrote or why it failed. It has no policy.
+- janitor: scheduled retention cleanup (next issue) joins the same nursery.
+
+Shutdown is one path: SIGTERM/SIGINT sets `stop` → hypercorn stops accepting and lets
+in-flight requests finish → the http actor sends Drain and closes its end → the buffer
+hands over its last rows, the flusher writes them (bounded by `shutdown_timeout`; what
+cannot be written goes to the dead-letter file, never dropped silently) → the buffer closes
+the flusher's job channel → the flusher closes its result channel → `run()` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import operator
+import os
+import random
+import re
+import signal
+import sys
+import time
+import tomllib
+import typing
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import hypercorn.config
+import hypercorn.trio
+import msgspec
+import prometheus_client
+import trio
+import trio_mysql
+from msgspec import UNSET, Meta, Struct, UnsetType
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("persistd")
+
+# ── constants ────────────────────────────────────────────────────────────────────────
+
+VERSION = "1.0.0"
+UTC = timezone.utc
+MAX_BATCH_ROWS = 1000
+INT_MAX = 2_147_483_647
+TEXT_MAX_BYTES = 65_535  # MySQL TEXT, counted in UTF-8 bytes
+JSON_MAX_BYTES = 65_535  # our bound for game_info / metadata, so one row always fits a packet
+JSON_MAX_DEPTH = 31  # MariaDB's JSON_VALID refuses 32 levels of nesting; MySQL 8 allows 100
+TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7, tzinfo=UTC)
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "sql" / "schema.sql"
+
+STATEMENT_MAX_ROWS = 1000
+STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
+FORMAT_SLICE_ROWS = 100  # rows escaped between checkpoints: ~0.5 ms of event-loop time
+INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
+RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
+ORPHAN_SWEEP_MAX_S = 60.0
+# Session variables for every connection: times are UTC, and nothing is silently truncated.
+SESSION_SETUP = (
+    "SET time_zone = '+00:00', "
+    "sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ZERO_IN_DATE,NO_ENGINE_SUBSTITUTION', "
+    "innodb_lock_wait_timeout = 10"
+)
+
+# ── configuration ────────────────────────────────────────────────────────────────────
+
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8001
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
+    graceful_timeout: Annotated[float, Meta(ge=0)] = 2.0
+
+
+class DatabaseConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = "mysql://root@127.0.0.1:3306/persistd"
+    connect_timeout: Seconds = 5.0
+    write_timeout: Seconds = 30.0
+    ping_timeout: Seconds = 1.0
+    pool_size: Annotated[int, Meta(ge=1, le=64)] = 4
+
+
+class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    flush_interval: Annotated[float, Meta(gt=0, le=30)] = 2.0
+    flush_rows: Annotated[int, Meta(ge=1)] = 1000
+    max_rows: Annotated[int, Meta(ge=MAX_BATCH_ROWS)] = 100_000
+    flush_timeout: Seconds = 10.0
+    shutdown_timeout: Seconds = 30.0
+    retry_max: Seconds = 30.0
+    orphan_ttl: Seconds = 3600.0
+
+
+class StateConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    dir: str = "state"
+
+
+class Config(Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+
+
+class ConfigError(Exception):
+    """A one-line explanation of why the configuration cannot be used."""
+
+
+def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if "PERSISTD_DATABASE_URL" in environ:
+        data.setdefault("database", {})["url"] = environ["PERSISTD_DATABASE_URL"]
+    if "PERSISTD_PORT" in environ:
+        port = environ["PERSISTD_PORT"]
+        if not port.isdigit():
+            raise ConfigError(f"PERSISTD_PORT must be a port number, not {port!r}")
+        data.setdefault("server", {})["port"] = int(port)
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    parse_database_url(cfg.database.url)
+    return cfg
+
+
+def parse_database_url(url: str) -> dict[str, Any]:
+    """`mysql://user:password@host:port/dbname` → trio_mysql connection arguments."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 3306
+    except ValueError:
+        raise ConfigError(f"database url {url!r}: bad port") from None
+    database = parts.path.lstrip("/")
+    if parts.scheme != "mysql" or not parts.hostname or not database or "/" in database:
+        raise ConfigError(f"database url {url!r} is not mysql://user:password@host:port/dbname")
+    return {
+        "host": parts.hostname,
+        "port": port,
+        "user": unquote(parts.username or "root"),
+        "password": unquote(parts.password or ""),
+        "database": unquote(database),
+    }
+
+
+# ── API types ────────────────────────────────────────────────────────────────────────
+# One Struct per body. The limits are the database's, so that an accepted row cannot be
+# refused when it is flushed. Ids may not contain whitespace: MySQL compares keys with
+# PAD SPACE, so "a" and "a " would be one row there and two here.
+
+Id36 = Annotated[str, Meta(min_length=1, max_length=36, pattern=r"\A\S+\Z")]
+Id64 = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A\S+\Z")]
+Str50 = Annotated[str, Meta(max_length=50)]
+Str64 = Annotated[str, Meta(max_length=64)]
+Str255 = Annotated[str, Meta(max_length=255)]
+Str512 = Annotated[str, Meta(max_length=512)]
+Text = Annotated[str, Meta(max_length=TEXT_MAX_BYTES)]  # UTF-8 bytes checked after decoding
+Count = Annotated[int, Meta(ge=0, le=INT_MAX)]
+Confidence = Annotated[float, Meta(ge=0, le=1)]
+JsonObject = dict[str, Any]
+SessionStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
+TaskStatus = Literal["pending", "processing", "completed", "failed"]
+
+
+class SessionIn(Struct, forbid_unknown_fields=True):
+    session_id: Id36
+    filename: Str255
+    file_path: Str512
+    status: SessionStatus
+    llm_provider: Str50
+    game_info: JsonObject | None | UnsetType = UNSET
+    metadata: JsonObject | None | UnsetType = UNSET
+    total_tasks: Count | None | UnsetType = UNSET
+    completed_tasks: Count | None | UnsetType = UNSET
+    failed_tasks: Count | None | UnsetType = UNSET
+    processing_tasks: Count | None | UnsetType = UNSET
+
+
+class TaskIn(Struct, forbid_unknown_fields=True, gc=False):
+    task_id: Id64
+    session_id: Id36
+    batch_id: Str64
+    sheet_name: Str255
+    row_index: Count
+    column_name: Str255
+    source_text: Text
+    status: TaskStatus
+    target_text: Text | None | UnsetType = UNSET
+    context: Text | None | UnsetType = UNSET
+    confidence: Confidence | None | UnsetType = UNSET
+    error_message: Text | None | UnsetType = UNSET
+    retry_count: Count | None | UnsetType = UNSET
+    start_time: datetime | None | UnsetType = UNSET
+    end_time: datetime | None | UnsetType = UNSET
+    duration_ms: Count | None | UnsetType = UNSET
+
+
+class SessionBatch(Struct, forbid_unknown_fields=True):
+    sessions: Annotated[list[SessionIn], Meta(min_length=1, max_length=MAX_BATCH_ROWS)]
+
+
+class TaskBatch(Struct, forbid_unknown_fields=True):
+    tasks: Annotated[list[TaskIn], Meta(min_length=1, max_length=MAX_BATCH_ROWS)]
+
+
+class FieldError(Struct):
+    field: str
+    message: str
+
+
+class ErrorBody(Struct):
+    detail: str
+    error_code: str
+    errors: list[FieldError]
+
+
+class Accepted(Struct):
+    status: str
+    count: int
+    timestamp: datetime
+
+
+class FlushAnswer(Struct):
+    status: Literal["flushed", "error"]
+    sessions_written: int
+    tasks_written: int
+    duration_ms: int
+    tasks_waiting_for_session: int
+    detail: str | UnsetType = UNSET
+    error_code: str | UnsetType = UNSET
+    errors: list[FieldError] | UnsetType = UNSET
+
+
+class BufferHealth(Struct):
+    sessions_count: int
+    tasks_count: int
+    total_count: int
+    capacity: int
+    usage_percent: float
+    last_flush: datetime | None
+    tasks_waiting_for_session: int
+    oldest_waiting_seconds: float | None
+
+
+class Health(Struct):
+    status: Literal["healthy", "degraded"]
+    database: Literal["healthy", "unhealthy"]
+    buffer: BufferHealth
+    uptime_seconds: int
+    version: str
+
+
+class ApiError(Exception):
+    """A refusal rendered in the error format of DESIGN.md."""
+
+    def __init__(self, status: int, code: str, detail: str, errors=(), **extra: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+        self.errors = [FieldError(f, m) for f, m in errors]
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+    def body(self) -> bytes:
+        body = msgspec.to_builtins(ErrorBody(self.detail, self.code, self.errors))
+        return msgspec.json.encode({**body, **self.extra})
+
+
+@functools.cache
+def _decoder(type_: Any) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(type_)
+
+
+BATCHES: dict[str, tuple[type, type]] = {"sessions": (SessionBatch, SessionIn), "tasks": (TaskBatch, TaskIn)}
+
+
+def decode_batch(key: str, body: bytes) -> list:
+    """The rows of a batch body, or ApiError naming every offending row and field."""
+    batch_type, row_type = BATCHES[key]
+    try:
+        rows = getattr(_decoder(batch_type).decode(body), key)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise explain_batch(key, row_type, body) from None
+    errors = [err for i, row in enumerate(rows) for err in check_row(row, f"{key}[{i}]")]
+    if errors:
+        raise ApiError(422, "VALIDATION_ERROR", f"Invalid {key[:-1]} data", errors)
+    return rows
+
+
+def explain_batch(key: str, row_type: type, body: bytes) -> ApiError:
+    """The slow second pass that runs only when the fast typed decode failed."""
+    try:
+        doc = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return ApiError(400, "INVALID_JSON", f"Request body is not valid JSON: {exc}")
+    invalid = f"Invalid {key[:-1]} data"
+    if not isinstance(doc, dict):
+        return ApiError(422, "VALIDATION_ERROR", invalid, [("", "Expected a JSON object")])
+    errors = [(name, "Unknown field") for name in doc if name != key]
+    rows = doc.get(key)
+    if not isinstance(rows, list):
+        message = f"{key} is required" if rows is None else "Expected an array"
+        return ApiError(422, "VALIDATION_ERROR", invalid, [*errors, (key, message)])
+    if len(rows) > MAX_BATCH_ROWS:
+        return ApiError(422, "BATCH_TOO_LARGE", f"A batch holds at most {MAX_BATCH_ROWS} {key}",
+                        [(key, f"{len(rows)} rows; at most {MAX_BATCH_ROWS} are accepted")])
+    if not rows:
+        errors.append((key, f"A batch holds at least one of {key}"))
+    for i, row in enumerate(rows):
+        errors.extend(row_errors(row_type, row, f"{key}[{i}]"))
+    return ApiError(422, "VALIDATION_ERROR", invalid, errors or [(key, "Invalid batch")])
+
+
+def row_errors(row_type: type, row: Any, where: str) -> list[tuple[str, str]]:
+    if not isinstance(row, dict):
+        return [(where, "Expected a JSON object")]
+    fields = {f.name: f for f in msgspec.structs.fields(row_type)}
+    errors = [(f"{where}.{name}", "Unknown field") for name in row if name not in fields]
+    for name, info in fields.items():
+        if name not in row:
+            if info.required:
+                errors.append((f"{where}.{name}", f"{name} is required"))
+            continue
+        try:
+            _decoder(_without_unset(info.type)).decode(msgspec.json.encode(row[name]))
+        except msgspec.ValidationError as exc:
+            message = re.sub(r" - at `\$.*`$", "", str(exc))
+            if "matching regex" in message:
+                message = "Expected an id without whitespace"
+            errors.append((f"{where}.{name}", message))
+    if not errors:
+        errors = check_row(_decoder(row_type).decode(msgspec.json.encode(row)), where)
+    return errors
+
+
+def _without_unset(type_: Any) -> Any:
+    args = [a for a in typing.get_args(type_) if a is not UnsetType]
+    return typing.Union[tuple(args)] if typing.get_origin(type_) is typing.Union else type_
+
+
+def check_row(row: SessionIn | TaskIn, where: str) -> list[tuple[str, str]]:
+    """What msgspec's constraints cannot say: UTF-8 byte lengths, TIMESTAMP range, JSON
+    depth. Also normalises the row to what the database will store (UTC, whole seconds,
+    four decimals), so that buffered and stored rows read the same."""
+    errors = []
+    if type(row) is TaskIn:
+        for name in ("source_text", "target_text", "context", "error_message"):
+            value = getattr(row, name)
+            # A str of n code points has at most 4n UTF-8 bytes: only long ones need encoding.
+            if type(value) is str and len(value) > TEXT_MAX_BYTES // 4 and len(value.encode()) > TEXT_MAX_BYTES:
+                errors.append((f"{where}.{name}", f"Longer than {TEXT_MAX_BYTES} UTF-8 bytes"))
+        for name in ("start_time", "end_time"):
+            value = getattr(row, name)
+            if type(value) is datetime:
+                value = (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+                value = value.replace(microsecond=0)
+                if not TIMESTAMP_MIN <= value <= TIMESTAMP_MAX:
+                    errors.append((f"{where}.{name}", "Outside the TIMESTAMP range 1970-01-01T00:00:01Z..2038-01-19T03:14:07Z"))
+                setattr(row, name, value)
+        if type(row.confidence) is float:
+            row.confidence = round(row.confidence, 4)
+    else:
+        for name in ("game_info", "metadata"):
+            value = getattr(row, name)
+            if type(value) is dict:
+                if json_depth(value) > JSON_MAX_DEPTH:
+                    errors.append((f"{where}.{name}", f"Nested deeper than {JSON_MAX_DEPTH} levels"))
+                elif len(msgspec.json.encode(value)) > JSON_MAX_BYTES:
+                    errors.append((f"{where}.{name}", f"Longer than {JSON_MAX_BYTES} bytes as JSON"))
+    return errors
+
+
+def json_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
+def utc_now() -> datetime:
+    """Accept time, in whole seconds like the TIMESTAMP columns that will store it."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+# ── metrics ──────────────────────────────────────────────────────────────────────────
+# A private registry per daemon, so that tests can run several in one process.
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what older scrapers expect
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            "persistence_api_requests", "Total API requests", ["endpoint", "method"], registry=r)
+        self.responses = prometheus_client.Counter(
+            "persistence_api_responses", "API responses by status code", ["endpoint", "code"], registry=r)
+        self.duration = prometheus_client.Histogram(
+            "persistence_api_duration_seconds", "API request duration", ["endpoint"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.buffer_size = prometheus_client.Gauge(
+            "persistence_buffer_size", "Current buffer size", ["type"], registry=r)
+        self.held_tasks = prometheus_client.Gauge(
+            "persistence_held_tasks", "Tasks held until their session arrives", registry=r)
+        self.held_oldest = prometheus_client.Gauge(
+            "persistence_held_task_oldest_seconds", "Age of the oldest held task", registry=r)
+        self.flushes = prometheus_client.Counter(
+            "persistence_flush", "Total flush operations", registry=r)
+        self.flush_errors = prometheus_client.Counter(
+            "persistence_flush_errors", "Flush attempts that failed and will be retried", registry=r)
+        self.flush_duration = prometheus_client.Histogram(
+            "persistence_flush_duration_seconds", "Duration of successful flushes", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.rows_written = prometheus_client.Counter(
+            "persistence_rows_written", "Rows written to the database", ["type"], registry=r)
+        self.dead_letters = prometheus_client.Counter(
+            "persistence_dead_letter_rows", "Rows moved to the dead-letter file", ["reason"], registry=r)
+
+
+# ── the buffer's state (pure: no trio, no database) ──────────────────────────────────
+
+
+class Entry(Struct, gc=False):
+    """A buffered row with what the service adds to it. `seq` orders writes: the entry
+    with the higher seq was accepted later and wins."""
+
+    row: Any  # SessionIn | TaskIn
+    created_at: datetime
+    updated_at: datetime
+    seq: int
+    held_since: float = 0.0  # trio clock, for tasks waiting for their session
+
+
+OPTIONAL_FIELDS = {
+    t: tuple(f.name for f in msgspec.structs.fields(t) if not f.required) for t in (SessionIn, TaskIn)
+}
+
+
+def combine(a: Entry, b: Entry) -> Entry:
+    """Two states of one row → one. The later accepted wins field by field; a field it
+    left out keeps the earlier value; created_at is the first. `b` wins ties."""
+    older, newer = (b, a) if a.seq > b.seq else (a, b)
+    for name in OPTIONAL_FIELDS[type(newer.row)]:
+        if getattr(newer.row, name) is UNSET:
+            setattr(newer.row, name, getattr(older.row, name))
+    newer.created_at = older.created_at
+    newer.held_since = older.held_since or newer.held_since
+    return newer
+
+
+def put(rows: dict[str, Entry], key: str, entry: Entry) -> None:
+    old = rows.get(key)
+    rows[key] = entry if old is None else combine(old, entry)
+
+
+class Snapshot(NamedTuple):
+    seq: int  # every write accepted up to here is in it, or held
+    sessions: dict[str, Entry]
+    tasks: dict[str, Entry]
+
+
+class FlushWaiter:
+    """A /flush call waiting for every write accepted before it (`target`)."""
+
+    def __init__(self, reply: trio.MemorySendChannel) -> None:
+        self.reply = reply
+        self.target = 0
+        self.sessions_written = 0
+        self.tasks_written = 0
+
+
+class Buffer:
+    """The unflushed rows and the flush schedule. Only the buffer actor holds one.
+
+    Rows are `pending` (not yet handed to the flusher), `in_flight` (handed over in a
+    snapshot the flusher is writing or will retry), or `held` (tasks whose session is not
+    in the database yet, grouped by session id). A failed snapshot is retried as it was,
+    before anything newer, so the newer pending state still wins when it is written after.
+    """
+
+    def __init__(self, cfg: BufferConfig) -> None:
+        self.cfg = cfg
+        self.sessions: dict[str, Entry] = {}
+        self.tasks: dict[str, Entry] = {}
+        self.held: dict[str, dict[str, Entry]] = {}
+        self.in_flight: Snapshot | None = None
+        self.flusher_busy = False
+        self.retry_at = math.inf
+        self.failures = 0
+        self.first_pending_at = math.inf
+        self.seq = 0
+        self.durable_seq = 0
+        self.draining = False
+        self.last_flush: datetime | None = None
+        self.last_error: str | None = None
+        self.waiters: list[FlushWaiter] = []
+
+    # size
+    def held_count(self) -> int:
+        return sum(map(len, self.held.values()))
+
+    def counts(self) -> tuple[int, int]:
+        """(sessions, tasks) held in memory, in flight included."""
+        s, t = len(self.sessions), len(self.tasks) + self.held_count()
+        if self.in_flight is not None:
+            s, t = s + len(self.in_flight.sessions), t + len(self.in_flight.tasks)
+        return s, t
+
+    def has_room(self, rows: int) -> bool:
+        return sum(self.counts()) + rows <= self.cfg.max_rows
+
+    # writes
+    def write(self, key: str, rows: list, at: datetime, now: float) -> int:
+        self.seq += 1
+        if not (self.sessions or self.tasks):
+            self.first_pending_at = now
+        if key == "sessions":
+            for row in rows:
+                put(self.sessions, row.session_id, Entry(row, at, at, self.seq))
+                for task_id, entry in self.held.pop(row.session_id, {}).items():
+                    put(self.tasks, task_id, entry)
+        else:
+            for row in rows:
+                group = self.held.get(row.session_id)
+                if group is not None:
+                    put(group, row.task_id, Entry(row, at, at, self.seq, now))
+                else:
+                    put(self.tasks, row.task_id, Entry(row, at, at, self.seq))
+        return self.seq
+
+    # flushing
+    def take_snapshot(self, now: float) -> Snapshot | None:
+        """The next snapshot for the flusher, if one is due and the flusher is idle."""
+        if self.flusher_busy:
+            return None
+        if self.in_flight is not None:
+            if now < self.retry_at:
+                return None
+        else:
+            pending = len(self.sessions) + len(self.tasks)
+            if not pending:
+                return None
+            due = now >= self.first_pending_at + self.cfg.flush_interval
+            if not (due or self.draining or self.waiters or pending >= self.cfg.flush_rows):
+                return None
+            self.in_flight = Snapshot(self.seq, self.sessions, self.tasks)
+            self.sessions, self.tasks = {}, {}
+            self.first_pending_at = math.inf
+        self.flusher_busy = True
+        return self.in_flight
+
+    def request_flush(self, waiter: FlushWaiter) -> bool:
+        """Register a /flush call; False when everything accepted is already written."""
+        self._settle()
+        if self.durable_seq >= self.seq:
+            return False
+        waiter.target = self.seq
+        self.waiters.append(waiter)
+        return True
+
+    def _settle(self) -> list[FlushWaiter]:
+        """The /flush calls that are answered now: all they waited for is written (rows
+        held for their session do not count: they cannot be written yet)."""
+        if self.idle():
+            self.durable_seq = self.seq
+        done = [w for w in self.waiters if w.target <= self.durable_seq]
+        self.waiters = [w for w in self.waiters if w.target > self.durable_seq]
+        return done
+
+    def written(self, sessions: int, tasks: int, held: list[Entry], now: float) -> list[FlushWaiter]:
+        """The snapshot in flight is in the database; returns the /flush calls answered."""
+        snapshot = self.in_flight
+        assert snapshot is not None and self.flusher_busy
+        self.in_flight, self.flusher_busy = None, False
+        self.durable_seq = snapshot.seq
+        self.failures, self.retry_at, self.last_error = 0, math.inf, None
+        self.last_flush = utc_now()
+        for entry in held:
+            session_id = entry.row.session_id
+            if session_id in self.sessions:
+                put(self.tasks, entry.row.task_id, entry)
+            else:
+                entry.held_since = entry.held_since or now
+                put(self.held.setdefault(session_id, {}), entry.row.task_id, entry)
+        for waiter in self.waiters:
+            waiter.sessions_written += sessions
+            waiter.tasks_written += tasks
+        return self._settle()
+
+    def failed(self, error: str, now: float) -> float:
+        """Schedule the retry of the snapshot in flight; returns the delay."""
+        assert self.in_flight is not None and self.flusher_busy
+        self.flusher_busy = False
+        self.failures += 1
+        self.last_error = error
+        delay = min(self.cfg.retry_max, RETRY_BASE_S * 2 ** (self.failures - 1))
+        delay *= random.uniform(0.5, 1.0)  # jitter: many daemons must not retry in step
+        self.retry_at = now + delay
+        return delay
+
+    def expire_orphans(self, now: float) -> list[Entry]:
+        """Held tasks whose session has not arrived within orphan_ttl."""
+        expired = []
+        for session_id in list(self.held):
+            group = self.held[session_id]
+            for task_id in [k for k, e in group.items() if now - e.held_since >= self.cfg.orphan_ttl]:
+                expired.append(group.pop(task_id))
+            if not group:
+                del self.held[session_id]
+        return expired
+
+    def oldest_held(self, now: float) -> float | None:
+        since = [e.held_since for group in self.held.values() for e in group.values()]
+        return now - min(since) if since else None
+
+    def idle(self) -> bool:
+        """Nothing left that the flusher could write."""
+        return self.in_flight is None and not (self.sessions or self.tasks)
+
+    def take_all(self) -> list[tuple[str, Entry]]:
+        """Everything still in memory, for the dead-letter file when the daemon must go."""
+        rows = [("translation_sessions", e) for e in self.sessions.values()]
+        if self.in_flight is not None:
+            rows += [("translation_sessions", e) for e in self.in_flight.sessions.values()]
+            rows += [("translation_tasks", e) for e in self.in_flight.tasks.values()]
+        rows += [("translation_tasks", e) for e in self.tasks.values()]
+        rows += [("translation_tasks", e) for g in self.held.values() for e in g.values()]
+        self.sessions, self.tasks, self.held, self.in_flight = {}, {}, {}, None
+        return rows
+
+    def next_wakeup(self) -> float:
+        if self.in_flight is not None:
+            return self.retry_at if not self.flusher_busy else math.inf
+        return self.first_pending_at + self.cfg.flush_interval
+
+
+class DeadLetters:
+    """Rows that could not be written, as JSON lines with a reason each: never dropped."""
+
+    def __init__(self, path: Path, metrics: Metrics) -> None:
+        self.path, self.metrics = path, metrics
+
+    def write(self, reason: str, rows: list[tuple[str, Entry]]) -> None:
+        if not rows:
+            return
+        at = utc_now()
+        with open(self.path, "ab") as f:
+            for table, e in rows:
+                record = {"reason": reason, "at": at, "table": table, "row": e.row,
+                          "created_at": e.created_at, "updated_at": e.updated_at}
+                f.write(msgspec.json.encode(record) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.metrics.dead_letters.labels(reason).inc(len(rows))
+        log.error("%d rows moved to %s: %s", len(rows), self.path, reason)
+
+
+# ── storage: MySQL ───────────────────────────────────────────────────────────────────
+# Everything that speaks SQL is here, so that a second dialect is a change to this part.
+
+DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
+ER_BAD_DB_ERROR = 1049
+SQL_ESCAPES = str.maketrans({"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
+                             "\x1a": "\\Z", "'": "\\'", '"': '\\"'})
+NEEDS_ESCAPE = re.compile("[\0\\\\\n\r\x1a'\"]")
+
+
+class Table(NamedTuple):
+    name: str
+    key: str
+    required: tuple[str, ...]  # fields every request row has, in column order
+    optional: tuple[str, ...]  # fields a row may leave out: the stored value is kept
+
+
+def _table(name: str, key: str, row_type: type) -> Table:
+    fields = msgspec.structs.fields(row_type)
+    return Table(name, key, tuple(f.name for f in fields if f.required), OPTIONAL_FIELDS[row_type])
+
+
+SESSIONS = _table("translation_sessions", "session_id", SessionIn)
+TASKS = _table("translation_tasks", "task_id", TaskIn)
+
+
+def sql_value(value: Any) -> str:
+    """A literal for the statement text. The values were validated at the door; the
+    connection runs with backslash escapes on (the server default, never changed here)."""
+    if value is None:
+        return "NULL"
+    kind = type(value)
+    if kind is str:
+        return "'" + (value.translate(SQL_ESCAPES) if NEEDS_ESCAPE.search(value) else value) + "'"
+    if kind is int or kind is float:
+        return repr(value)
+    if kind is datetime:
+        return sql_time(value)
+    return sql_value(msgspec.json.encode(value).decode())  # a JSON object
+
+
+@functools.lru_cache(maxsize=256)
+def sql_time(value: datetime) -> str:
+    return value.strftime("'%Y-%m-%d %H:%M:%S'")
+
+
+@functools.cache
+def statement_frame(table: Table, columns: tuple[str, ...]) -> tuple[str, str]:
+    """INSERT head and ON DUPLICATE KEY UPDATE tail for rows that carry `columns`. Only
+    the columns a row carries are updated; created_at is written once, never updated."""
+    all_columns = (*columns, "created_at", "updated_at")
+    head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in all_columns)}) VALUES "
+    updates = [f"`{c}` = VALUES(`{c}`)" for c in all_columns if c not in (table.key, "created_at")]
+    return head, " ON DUPLICATE KEY UPDATE " + ", ".join(updates)
+
+
+def group_by_shape(table: Table, entries: typing.Iterable[Entry]) -> dict[tuple[str, ...], list[Entry]]:
+    """Rows that carry the same optional fields share a statement."""
+    groups: dict[tuple[str, ...], list[Entry]] = {}
+    for entry in entries:
+        row = entry.row
+        shape = tuple([name for name in table.optional if getattr(row, name) is not UNSET])
+        groups.setdefault(shape, []).append(entry)
+    return groups
+
+
+async def upsert(conn: trio_mysql.Connection, table: Table, entries: typing.Iterable[Entry]) -> None:
+    """Multi-row INSERT ... ON DUPLICATE KEY UPDATE, at most STATEMENT_MAX_ROWS rows and
+    STATEMENT_MAX_BYTES each. Escaping is pure Python on the event loop (~5 µs a row), so
+    it checkpoints every FORMAT_SLICE_ROWS rows to keep request latency low."""
+    for shape, group in group_by_shape(table, entries).items():
+        columns = table.required + shape
+        head, tail = statement_frame(table, columns)
+        values_of = operator.attrgetter(*columns)
+        values: list[str] = []
+        size = 0
+        for n, entry in enumerate(group, 1):
+            literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
+                sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
+            if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > STATEMENT_MAX_BYTES:
+                await conn.query(head + ",".join(values) + tail)
+                values, size = [], 0
+            values.append(literal)
+            size += len(literal) + 1
+            if n % FORMAT_SLICE_ROWS == 0:
+                await trio.sleep(0)
+        if values:
+            await conn.query(head + ",".join(values) + tail)
+
+
+async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> tuple[int, int, list[Entry]]:
+    """One transaction: sessions, then the tasks whose session exists. Returns the counts
+    written and the tasks held back because their session is not in the database."""
+    await conn.query("BEGIN")
+    await upsert(conn, SESSIONS, snapshot.sessions.values())
+    tasks = list(snapshot.tasks.values())
+    unknown = {e.row.session_id for e in tasks} - snapshot.sessions.keys()
+    held: list[Entry] = []
+    if unknown:
+        async with conn.cursor() as cursor:
+            await cursor.execute(
+                "SELECT session_id FROM translation_sessions WHERE session_id IN ("
+                + ",".join(map(sql_value, unknown)) + ") LOCK IN SHARE MODE")
+            missing = unknown - {session_id for (session_id,) in await cursor.fetchall()}
+        if missing:
+            held = [e for e in tasks if e.row.session_id in missing]
+            tasks = [e for e in tasks if e.row.session_id not in missing]
+    await upsert(conn, TASKS, tasks)
+    await conn.query("COMMIT")
+    return len(snapshot.sessions), len(tasks), held
+
+
+async def ensure_schema(conn: trio_mysql.Connection) -> None:
+    text = "\n".join(line for line in SCHEMA_PATH.read_text().splitlines() if not line.startswith("--"))
+    for statement in filter(str.strip, text.split(";")):
+        await conn.query(statement)
+
+
+class Database:
+    """Connection factory and a small pool for short reads. The flusher keeps its own
+    connection. After any error or cancellation a connection is thrown away, never
+    reused: trio_mysql cannot recover one that was interrupted mid-read."""
+
+    def __init__(self, cfg: DatabaseConfig) -> None:
+        self.cfg = cfg
+        self.params = parse_database_url(cfg.url)
+        self._idle: list[trio_mysql.Connection] = []
+        self._limiter = trio.CapacityLimiter(cfg.pool_size)
+
+    async def _open(self, **params: Any) -> trio_mysql.Connection:
+        conn = trio_mysql.connect(charset="utf8mb4", use_unicode=True, autocommit=True,
+                                  init_command=SESSION_SETUP, **params)
+        await conn.connect()
+        return conn
+
+    async def connect(self, *, create: bool = False) -> trio_mysql.Connection:
+        """A new connection; with `create`, the database is created when missing."""
+        with trio.fail_after(self.cfg.connect_timeout):
+            try:
+                return await self._open(**self.params)
+            except trio_mysql.OperationalError as exc:
+                if not create or exc.args[0] != ER_BAD_DB_ERROR:
+                    raise
+            server = await self._open(**{**self.params, "database": None})
+            try:
+                name = self.params["database"].replace("`", "``")
+                await server.query(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+            finally:
+                server.close()
+            return await self._open(**self.params)
+
+    @asynccontextmanager
+    async def connection(self) -> typing.AsyncIterator[trio_mysql.Connection]:
+        async with self._limiter:
+            conn = self._idle.pop() if self._idle else await self.connect()
+            try:
+                yield conn
+            except BaseException:
+                conn.close()
+                raise
+            self._idle.append(conn)
+
+    async def ping(self) -> bool:
+        with trio.move_on_after(self.cfg.ping_timeout):
+            try:
+                async with self.connection() as conn:
+                    await conn.query("SELECT 1")
+                return True
+            except DB_ERRORS:
+                return False
+        return False
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+# ── messages between actors ──────────────────────────────────────────────────────────
+
+
+class Write(NamedTuple):  # http → buffer; answered True (taken) or False (buffer full)
+    key: str
+    rows: list
+    at: datetime
+    reply: trio.MemorySendChannel
+
+
+class Flush(NamedTuple):  # http → buffer; answered with the FlushWaiter once written
+    waiter: FlushWaiter
+
+
+class Status(NamedTuple):  # http → buffer; answered with BufferStatus
+    reply: trio.MemorySendChannel
+
+
+class Drain(NamedTuple):  # http → buffer: no more requests will come
+    pass
+
+
+class Job(NamedTuple):  # buffer → flusher
+    snapshot: Snapshot
+    deadline: float  # trio clock: give up (and report Failed) at this time
+
+
+class Written(NamedTuple):  # flusher → buffer
+    sessions: int
+    tasks: int
+    held: list[Entry]
+
+
+class Failed(NamedTuple):  # flusher → buffer
+    error: str
+
+
+class BufferStatus(NamedTuple):
+    health: BufferHealth
+    held_tasks: int
+    last_error: str | None
+
+
+def answer(reply: trio.MemorySendChannel, value: Any) -> None:
+    """Reply to a request whose handler may have given up waiting (and closed its end)."""
+    try:
+        reply.send_nowait(value)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def buffer_status(buf: Buffer, now: float) -> BufferStatus:
+    sessions, tasks = buf.counts()
+    held = buf.held_count()
+    oldest = buf.oldest_held(now)
+    health = BufferHealth(
+        sessions_count=sessions, tasks_count=tasks, total_count=sessions + tasks,
+        capacity=buf.cfg.max_rows, usage_percent=round(100 * (sessions + tasks) / buf.cfg.max_rows, 1),
+        last_flush=buf.last_flush, tasks_waiting_for_session=held,
+        oldest_waiting_seconds=None if oldest is None else round(oldest, 3))
+    return BufferStatus(health, held, buf.last_error)
+
+
+# ── HTTP ─────────────────────────────────────────────────────────────────────────────
+
+JSON = "application/json"
+HTTP_ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+                    413: "PAYLOAD_TOO_LARGE"}
+
+
+def json_response(status: int, body: Any) -> Response:
+    return Response(msgspec.json.encode(body), status=status, content_type=JSON)
+
+
+@functools.cache
+def endpoint_label(rule: str) -> str:
+    """The route template, in the spec's spelling: never a raw id."""
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
+
+
+def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics) -> QuartTrio:
+    app = QuartTrio("persistd")
+    app.config["MAX_CONTENT_LENGTH"] = cfg.server.max_body_bytes
+    started = time.monotonic()
+
+    async def ask(message: type, *args: Any) -> Any:
+        reply, replies = trio.open_memory_channel(1)
+        async with replies:
+            await to_buffer.send(message(*args, reply))
+            return await replies.receive()
+
+    @app.before_request
+    async def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def observe(response: Response) -> Response:
+        endpoint = endpoint_label(request.url_rule.rule) if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint, request.method).inc()
+        metrics.responses.labels(endpoint, str(response.status_code)).inc()
+        metrics.duration.labels(endpoint).observe(time.perf_counter() - g.started)
+        return response
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        return Response(exc.body(), status=exc.status, content_type=JSON, headers=exc.headers)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        return await api_error(ApiError(code, HTTP_ERROR_CODES.get(code, "HTTP_ERROR"), exc.description or exc.name))
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return await api_error(ApiError(500, "INTERNAL_ERROR", "Internal server error"))
+
+    async def accept(key: str) -> Response:
+        rows = decode_batch(key, await request.get_data(cache=False))
+        at = utc_now()
+        if not await ask(Write, key, rows, at):
+            error = ApiError(503, "BUFFER_FULL", "The buffer is full; retry later",
+                             [(key, f"at most {cfg.buffer.max_rows} rows may wait for the database")])
+            error.headers["Retry-After"] = str(math.ceil(cfg.buffer.flush_interval))
+            raise error
+        return json_response(202, Accepted("accepted", len(rows), at))
+
+    @app.post("/api/v1/translation/sessions/batch")
+    async def sessions_batch() -> Response:
+        return await accept("sessions")
+
+    @app.post("/api/v1/translation/tasks/batch")
+    async def tasks_batch() -> Response:
+        return await accept("tasks")
+
+    @app.post("/api/v1/translation/flush")
+    async def flush() -> Response:
+        started_at = trio.current_time()
+        reply, replies = trio.open_memory_channel(1)
+        async with replies:
+            await to_buffer.send(Flush(FlushWaiter(reply)))
+            with trio.move_on_after(cfg.buffer.flush_timeout):
+                waiter = await replies.receive()
+        duration_ms = round(1000 * (trio.current_time() - started_at))
+        status = await ask(Status)
+        if waiter is None:
+            return json_response(503, FlushAnswer(
+                "error", 0, 0, duration_ms, status.held_tasks, error_code="FLUSH_TIMEOUT",
+                detail=f"Not everything was written within {cfg.buffer.flush_timeout:g} s "
+                       f"({status.last_error or 'the database is slow'}); the rows are kept and retried",
+                errors=[]))
+        return json_response(200, FlushAnswer(
+            "flushed", waiter.sessions_written, waiter.tasks_written, duration_ms, status.held_tasks))
+
+    @app.get("/health")
+    async def health() -> Response:
+        status = await ask(Status)
+        db_ok = await db.ping()
+        healthy = db_ok and status.last_error is None
+        return json_response(200 if healthy else 503, Health(
+            "healthy" if healthy else "degraded", "healthy" if db_ok else "unhealthy",
+            status.health, int(time.monotonic() - started), VERSION))
+
+    @app.get("/api/v1/system/metrics")
+    async def system_metrics() -> Response:
+        status = await ask(Status)
+        metrics.buffer_size.labels("session").set(status.health.sessions_count)
+        metrics.buffer_size.labels("task").set(status.health.tasks_count)
+        metrics.held_tasks.set(status.held_tasks)
+        metrics.held_oldest.set(status.health.oldest_waiting_seconds or 0)
+        return Response(prometheus_client.generate_latest(metrics.registry), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    return app
+
+
+# ── actors ───────────────────────────────────────────────────────────────────────────
+
+
+async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics,
+                     shutdown_trigger: typing.Callable[[], typing.Awaitable[Any]],
+                     *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serves the API until `shutdown_trigger` returns and in-flight requests have
+    finished (or `graceful_timeout` passed: their requests were never acknowledged)."""
+    config = hypercorn.config.Config()
+    config.bind = [f"{cfg.server.host}:{cfg.server.port}"]
+    config.graceful_timeout = cfg.server.graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    app = create_app(cfg, to_buffer, db, metrics)
+    async with to_buffer:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(
+                hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger))
+            log.info("listening on %s", ", ".join(binds))
+            task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        await to_buffer.send(Drain())
+
+
+async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio.MemorySendChannel,
+                       dead_letters: DeadLetters) -> None:
+    """Owns every unflushed row. Decides when to flush and when to retry (capped, jittered
+    exponential backoff, forever: accepted rows are never dropped). On Drain it flushes
+    what is left; rows that still cannot be written by `shutdown_timeout` go to the
+    dead-letter file."""
+    buf = Buffer(cfg.buffer)
+    sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
+    next_sweep = trio.current_time() + sweep_every
+    drain_deadline = math.inf
+    async with inbox, jobs:
+        while True:
+            with trio.move_on_at(min(buf.next_wakeup(), next_sweep, drain_deadline)):
+                message = await inbox.receive()
+                now = trio.current_time()
+                match message:
+                    case Write(key, rows, at, reply):
+                        taken = buf.has_room(len(rows))
+                        if taken:
+                            buf.write(key, rows, at, now)
+                        answer(reply, taken)
+                    case Flush(waiter):
+                        if not buf.request_flush(waiter):
+                            answer(waiter.reply, waiter)
+                    case Status(reply):
+                        answer(reply, buffer_status(buf, now))
+                    case Written(sessions, tasks, held):
+                        for waiter in buf.written(sessions, tasks, held, now):
+                            answer(waiter.reply, waiter)
+                    case Failed(error):
+                        delay = buf.failed(error, now)
+                        log.warning("flush failed, retrying in %.1f s: %s", delay, error)
+                    case Drain():
+                        buf.draining = True
+                        drain_deadline = now + cfg.buffer.shutdown_timeout
+            now = trio.current_time()
+            if now >= next_sweep:
+                next_sweep = now + sweep_every
+                dead_letters.write("orphan_ttl_expired",
+                                   [("translation_tasks", e) for e in buf.expire_orphans(now)])
+            if buf.draining and not buf.flusher_busy and (buf.idle() or now >= drain_deadline):
+                break
+            snapshot = buf.take_snapshot(now)
+            if snapshot is not None:
+                jobs.send_nowait(Job(snapshot, min(now + cfg.database.write_timeout, drain_deadline)))
+    reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
+    dead_letters.write(reason, buf.take_all())
+
+
+async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel,
+                        metrics: Metrics) -> None:
+    """Writes each job's snapshot in one transaction and reports Written or Failed. One
+    dedicated connection, replaced after any failure. No policy lives here."""
+    conn = None
+    async with jobs, results:
+        async for snapshot, deadline in jobs:
+            started = trio.current_time()
+            outcome: Written | Failed | None = None
+            with trio.move_on_at(deadline):
+                try:
+                    if conn is None:
+                        conn = await db.connect(create=True)
+                        await ensure_schema(conn)
+                    outcome = Written(*await write_snapshot(conn, snapshot))
+                except DB_ERRORS as exc:
+                    outcome = Failed(f"{type(exc).__name__}: {exc}")
+            if outcome is None:
+                outcome = Failed(f"gave up after {trio.current_time() - started:.1f} s")
+            if isinstance(outcome, Failed):
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                metrics.flush_errors.inc()
+            else:
+                metrics.flushes.inc()
+                metrics.flush_duration.observe(trio.current_time() - started)
+                metrics.rows_written.labels("session").inc(outcome.sessions)
+                metrics.rows_written.labels("task").inc(outcome.tasks)
+            await results.send(outcome)
+    if conn is not None:
+        conn.close()
+
+
+# ── run() and the command line ───────────────────────────────────────────────────────
+
+
+async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """The whole daemon until `stop` is set and everything is written. Reports the bound
+    port through `task_status`, so tests can start it in-process on port 0."""
+    state_dir = Path(cfg.state.dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+    db = Database(cfg.database)
+    dead_letters = DeadLetters(state_dir / "dead-letter.jsonl", metrics)
+    to_buffer, buffer_inbox = trio.open_memory_channel(INBOX_SIZE)
+    to_flusher, flusher_inbox = trio.open_memory_channel(1)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flusher_actor, db, flusher_inbox, to_buffer.clone(), metrics)
+            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, dead_letters)
+            port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
+            task_status.started(port)
+    finally:
+        db.close()
+
+
+async def serve_until_signalled(cfg: Config) -> None:
+    stop = trio.Event()
+    # The receiver stays open until run() returns: a second signal during the final
+    # flush is absorbed here instead of killing the process.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, cfg, stop)
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                stop.set()
+                break
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="persistd", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML file (see persistd.toml); built-in defaults without it")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"persistd: {exc}", file=sys.stderr)
+        sys.exit(2)
+    prometheus_client.disable_created_metrics()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    trio.run(serve_until_signalled, cfg)

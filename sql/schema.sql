@@ -1,0 +1,53 @@
+-- persistd schema: spec §8.1, applied by the daemon at start when the tables are missing.
+--
+-- One deliberate difference from the spec: the key columns (session_id, task_id) use the
+-- binary collation utf8mb4_bin. Under the default case-insensitive collation "Task_1" and
+-- "task_1" are one row in MySQL but two in persistd's buffer, and last-write-wins could not
+-- hold. persistd refuses ids containing whitespace, so PAD SPACE cannot merge ids either.
+
+CREATE TABLE IF NOT EXISTS translation_sessions (
+    session_id VARCHAR(36) COLLATE utf8mb4_bin PRIMARY KEY COMMENT '会话ID',
+    filename VARCHAR(255) NOT NULL COMMENT '文件名',
+    file_path VARCHAR(512) NOT NULL COMMENT '文件路径',
+    status VARCHAR(20) NOT NULL DEFAULT 'pending' COMMENT '状态',
+    game_info JSON COMMENT '游戏信息',
+    llm_provider VARCHAR(50) NOT NULL COMMENT 'LLM提供商',
+    metadata JSON COMMENT '元数据',
+    total_tasks INT DEFAULT 0 COMMENT '总任务数',
+    completed_tasks INT DEFAULT 0 COMMENT '完成任务数',
+    failed_tasks INT DEFAULT 0 COMMENT '失败任务数',
+    processing_tasks INT DEFAULT 0 COMMENT '处理中任务数',
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP COMMENT '创建时间',
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP COMMENT '更新时间',
+
+    INDEX idx_status (status),
+    INDEX idx_created_at (created_at),
+    INDEX idx_updated_at (updated_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS translation_tasks (
+    task_id VARCHAR(64) COLLATE utf8mb4_bin PRIMARY KEY COMMENT '任务ID',
+    session_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL COMMENT '会话ID',
+    batch_id VARCHAR(64) NOT NULL COMMENT '批次ID',
+    sheet_name VARCHAR(255) NOT NULL COMMENT '工作表名',
+    row_index INT NOT NULL COMMENT '行索引',
+    column_name VARCHAR(255) NOT NULL COMMENT '列名',
+    source_text TEXT NOT NULL COMMENT '源文本',
+    target_text TEXT COMMENT '翻译结果',
+    context TEXT COMMENT '上下文',
+    status VARCHAR(20) NOT NULL DEFAULT 'pending' COMMENT '状态',
+    confidence DECIMAL(5,4) COMMENT '置信度',
+    error_message TEXT COMMENT '错误信息',
+    retry_count INT DEFAULT 0 COMMENT '重试次数',
+    start_time TIMESTAMP NULL COMMENT '开始时间',
+    end_time TIMESTAMP NULL COMMENT '结束时间',
+    duration_ms INT COMMENT '耗时（毫秒）',
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP COMMENT '创建时间',
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP COMMENT '更新时间',
+
+    FOREIGN KEY (session_id) REFERENCES translation_sessions(session_id) ON DELETE CASCADE,
+    INDEX idx_session_id (session_id),
+    INDEX idx_batch_id (batch_id),
+    INDEX idx_status (status),
+    INDEX idx_session_status (session_id, status)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
