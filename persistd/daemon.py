@@ -689,6 +689,20 @@ class DeadLetters:
 # Everything that speaks SQL is here, so that a second dialect is a change to this part.
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
+
+
+def _force_close(conn: trio_mysql.Connection) -> None:
+    """trio_mysql 1.0.3 closes a connection it gave up on (after an error, a cancellation,
+    or `close()`) by calling SocketStream.close(), which does not exist: the error is
+    swallowed and the socket leaks until garbage collection. Close the trio socket."""
+    if conn._sock is not None:
+        conn._sock.socket.close()
+    conn._sock = None
+    conn._closed = True
+
+
+trio_mysql.connections.Connection._force_close = _force_close
+trio_mysql.connections.Connection.__del__ = _force_close
 ER_BAD_DB_ERROR = 1049
 SQL_ESCAPES = str.maketrans({"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
                              "\x1a": "\\Z", "'": "\\'", '"': '\\"'})
@@ -1105,8 +1119,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
             snapshot = buf.take_snapshot(now)
             if snapshot is not None:
                 jobs.send_nowait(Job(snapshot, min(now + cfg.database.write_timeout, drain_deadline)))
-    reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
-    dead_letters.write(reason, buf.take_all())
+        reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
+        dead_letters.write(reason, buf.take_all())
 
 
 async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel,

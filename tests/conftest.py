@@ -1,0 +1,114 @@
+"""Shared fixtures: the real MariaDB/MySQL at PERSISTD_TEST_DATABASE_URL, and persistd
+started in-process by `run()` on a free port, spoken to over real HTTP."""
+
+import os
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+import pytest
+import trio
+
+from persistd.daemon import Config, Database, DatabaseConfig, ensure_schema, run
+
+DATABASE_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "mysql://root@127.0.0.1:3306/persistd_test")
+
+
+def make_config(tmp_path, **sections) -> Config:
+    """A test config: port 0, the test database, a private state dir, fast flushes."""
+    base = {
+        "server": {"port": 0, "graceful_timeout": 0.5},
+        "database": {"url": DATABASE_URL, "connect_timeout": 2, "ping_timeout": 1},
+        "buffer": {"flush_interval": 0.2, "flush_timeout": 5, "shutdown_timeout": 5, "retry_max": 0.5},
+        "state": {"dir": str(tmp_path / "state")},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return msgspec.convert(base, Config)
+
+
+class Db:
+    """Direct SQL for setting up and checking what persistd wrote."""
+
+    def __init__(self, url: str = DATABASE_URL) -> None:
+        self.database = Database(msgspec.convert({"url": url}, DatabaseConfig))
+
+    async def query(self, sql: str, *args):
+        async with self.database.connection() as conn:
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, args or None)
+                return await cursor.fetchall()
+
+    async def reset(self) -> None:
+        conn = await self.database.connect(create=True)
+        try:
+            await ensure_schema(conn)
+            await conn.query("DELETE FROM translation_tasks")
+            await conn.query("DELETE FROM translation_sessions")
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+async def db():
+    """The test database, emptied. Fails (never skips) when it cannot be reached."""
+    database = Db()
+    try:
+        await database.reset()
+    except Exception as exc:  # noqa: BLE001 - any failure here means no database
+        pytest.fail(f"test database {DATABASE_URL} is unreachable: {exc}")
+    yield database
+    database.database.close()
+
+
+class Daemon:
+    def __init__(self, cfg: Config, port: int, client: httpx.AsyncClient, stop: trio.Event) -> None:
+        self.cfg, self.port, self.client, self.stop = cfg, port, client, stop
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def post(self, path: str, body=None, **kwargs) -> httpx.Response:
+        if body is not None:
+            kwargs["content"] = msgspec.json.encode(body)
+            kwargs.setdefault("headers", {"content-type": "application/json"})
+        return await self.client.post(path, **kwargs)
+
+    async def get(self, path: str, **kwargs) -> httpx.Response:
+        return await self.client.get(path, **kwargs)
+
+    async def flush(self) -> dict:
+        response = await self.post("/api/v1/translation/flush")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@asynccontextmanager
+async def running(cfg: Config):
+    """persistd on a free port until the block ends, then a clean shutdown."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(run, cfg, stop)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield Daemon(cfg, port, client, stop)
+        stop.set()
+
+
+@pytest.fixture
+async def daemon(db, tmp_path):
+    async with running(make_config(tmp_path)) as d:
+        yield d
+
+
+# ── rows ─────────────────────────────────────────────────────────────────────────────
+
+SESSION_ID = "550e8400-e29b-41d4-a716-446655440000"
+
+
+def session(session_id: str = SESSION_ID, **fields) -> dict:
+    return {"session_id": session_id, "filename": "game.xlsx", "file_path": "/uploads/game.xlsx",
+            "status": "processing", "llm_provider": "openai", **fields}
+
+
+def task(task_id: str = "task_001", session_id: str = SESSION_ID, **fields) -> dict:
+    return {"task_id": task_id, "session_id": session_id, "batch_id": "batch_001",
+            "sheet_name": "Dialogue", "row_index": 10, "column_name": "Text",
+            "source_text": "Hello, adventurer!", "status": "pending", **fields}

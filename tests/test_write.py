@@ -1,0 +1,521 @@
+"""The write path: spec §3 and DESIGN.md's rules for what a 202 promises.
+
+Behaviour that crosses actors is shown over real HTTP against persistd and MariaDB; the
+buffer's timing is shown on the buffer actor alone, driven through its channels under
+trio's autojump clock.
+"""
+
+import json
+import random
+from datetime import datetime, timezone
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from conftest import SESSION_ID, make_config, running, session, task
+from persistd.daemon import (
+    RETRY_BASE_S, TASKS, Buffer, BufferConfig, DeadLetters, Entry, Drain, Failed, Flush, FlushWaiter,
+    Metrics, SessionIn, TaskIn, Write, Written, buffer_actor, upsert,
+)
+
+SESSIONS_URL = "/api/v1/translation/sessions/batch"
+TASKS_URL = "/api/v1/translation/tasks/batch"
+
+
+async def stored_task(db, task_id):
+    rows = await db.query(
+        "SELECT status, target_text, confidence, retry_count, context, created_at, updated_at"
+        " FROM translation_tasks WHERE task_id = %s", task_id)
+    return rows[0] if rows else None
+
+
+# ── acknowledgement ──────────────────────────────────────────────────────────────────
+
+
+async def test_batch_is_acknowledged_before_anything_is_written(db, tmp_path):
+    """202 {"status":"accepted","count":N,"timestamp"} comes back while the rows are
+    still only in the buffer; /flush puts them in the database."""
+    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as d:
+        r = await d.post(SESSIONS_URL, {"sessions": [session()]})
+        assert r.status_code == 202
+        r = await d.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(1000)]})
+        assert r.status_code == 202
+        body = r.json()
+        assert body["status"] == "accepted" and body["count"] == 1000
+        assert body["timestamp"].endswith("Z")
+        datetime.fromisoformat(body["timestamp"])
+        assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((0,),)
+        flushed = await d.flush()
+        assert flushed["status"] == "flushed"
+        assert (flushed["sessions_written"], flushed["tasks_written"]) == (1, 1000)
+        assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((1000,),)
+
+
+# ── validation at the door ───────────────────────────────────────────────────────────
+
+CJK_OVER_TEXT = "译" * 21846  # 65,538 UTF-8 bytes in 21,846 characters
+
+BAD_TASK_FIELDS = [
+    ("task_id", "x" * 65),
+    ("task_id", "task 1"),
+    ("task_id", ""),
+    ("session_id", "s" * 37),
+    ("sheet_name", "s" * 256),
+    ("batch_id", "b" * 65),
+    ("source_text", CJK_OVER_TEXT),
+    ("target_text", "a" * 65536),
+    ("row_index", -1),
+    ("row_index", 2**31),
+    ("row_index", "10"),
+    ("row_index", 1.5),
+    ("retry_count", -3),
+    ("duration_ms", 2**31),
+    ("confidence", 1.01),
+    ("confidence", -0.1),
+    ("confidence", "high"),
+    ("status", "done"),
+    ("status", None),
+    ("start_time", "yesterday"),
+    ("start_time", "2025-09-30"),
+    ("end_time", "2040-01-01T00:00:00Z"),
+    ("end_time", "1969-12-31T23:59:59Z"),
+    ("context", 42),
+    ("unknown_field", 1),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_TASK_FIELDS)
+async def test_task_the_database_could_refuse_is_422(daemon, db, field, value):
+    """A value MySQL would refuse is refused at the door, in DESIGN.md's error format,
+    naming the row and field; the rest of the batch is not kept either."""
+    rows = [task(f"t{i}") for i in range(5)]
+    rows[3][field] = value
+    r = await daemon.post(TASKS_URL, {"tasks": rows})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error_code"] == "VALIDATION_ERROR"
+    assert isinstance(body["detail"], str)
+    assert [e["field"] for e in body["errors"]] == [f"tasks[3].{field}"]
+    assert body["errors"][0]["message"]
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.flush()
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((0,),)
+
+
+BAD_SESSION_FIELDS = [
+    ("session_id", "s" * 37),
+    ("filename", "f" * 256),
+    ("file_path", "p" * 513),
+    ("llm_provider", "x" * 51),
+    ("status", "paused"),
+    ("total_tasks", -1),
+    ("completed_tasks", 2**31),
+    ("failed_tasks", True),
+    ("game_info", "not an object"),
+    ("game_info", {"deep": json.loads("[" * 31 + "]" * 31)}),
+    ("metadata", {"blob": "x" * 70000}),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_SESSION_FIELDS)
+async def test_session_the_database_could_refuse_is_422(daemon, db, field, value):
+    rows = [session(f"s{i}") for i in range(3)]
+    rows[1][field] = value
+    r = await daemon.post(SESSIONS_URL, {"sessions": rows})
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == [f"sessions[1].{field}"]
+    await daemon.flush()
+    assert await db.query("SELECT COUNT(*) FROM translation_sessions") == ((0,),)
+
+
+async def test_every_offending_row_and_field_is_listed(daemon):
+    rows = [task(f"t{i}") for i in range(6)]
+    rows[0]["confidence"] = 2
+    rows[0]["status"] = "nope"
+    del rows[2]["source_text"]
+    rows[5] = "not a row"
+    r = await daemon.post(TASKS_URL, {"tasks": rows})
+    assert r.status_code == 422
+    assert sorted(e["field"] for e in r.json()["errors"]) == [
+        "tasks[0].confidence", "tasks[0].status", "tasks[2].source_text", "tasks[5]"]
+
+
+async def test_deepest_json_the_database_accepts_is_accepted(daemon, db):
+    """31 levels is MariaDB's limit for JSON columns; exactly that is still accepted."""
+    deep = json.loads("[" * 30 + "]" * 30)
+    r = await daemon.post(SESSIONS_URL, {"sessions": [session(game_info={"levels": deep})]})
+    assert r.status_code == 202, r.text
+    await daemon.flush()
+    assert await db.query("SELECT COUNT(*) FROM translation_sessions") == ((1,),)
+
+
+async def test_batch_size_limits(daemon):
+    r = await daemon.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(1001)]})
+    assert r.status_code == 422
+    assert r.json()["error_code"] == "BATCH_TOO_LARGE"
+    assert r.json()["errors"][0]["field"] == "tasks"
+    r = await daemon.post(TASKS_URL, {"tasks": []})
+    assert r.status_code == 422
+    assert r.json()["error_code"] == "VALIDATION_ERROR"
+    r = await daemon.post(SESSIONS_URL, {"sessions": [session(f"s{i}") for i in range(1000)]})
+    assert r.status_code == 202
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    (b'{"tasks": [', 400, "INVALID_JSON"),
+    (b"\xff\xfe", 400, "INVALID_JSON"),
+    (b'{"tasks": [{"task_id": "\\ud800"}]}', 400, "INVALID_JSON"),
+    (b"", 400, "INVALID_JSON"),
+    (b"[]", 422, "VALIDATION_ERROR"),
+    (b'{"task": []}', 422, "VALIDATION_ERROR"),
+    (b'{"tasks": {}}', 422, "VALIDATION_ERROR"),
+])
+async def test_malformed_bodies(daemon, body, status, code):
+    r = await daemon.client.post(TASKS_URL, content=body)
+    assert r.status_code == status
+    assert r.json()["error_code"] == code
+    assert set(r.json()) == {"detail", "error_code", "errors"}
+
+
+async def test_body_over_the_limit_is_413(db, tmp_path):
+    async with running(make_config(tmp_path, server={"max_body_bytes": 4096})) as d:
+        r = await d.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(50)]})
+        assert r.status_code == 413
+        assert r.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_no_client_input_produces_a_500(daemon):
+    """Random damage to valid bodies (bounded, seeded) is answered 202, 400 or 422."""
+    rnd = random.Random(1234)
+    good = msgspec.json.encode({"tasks": [task(f"t{i}", confidence=0.5, start_time="2025-09-30T10:10:00Z")
+                                          for i in range(3)]})
+    junk = [b"\x00", b'"', b"{", b"]", b"\\", b"\xe4\xb8", b"1e999", b"-", b"null", b"\\ud800", b",", b":"]
+    for _ in range(300):
+        body = bytearray(good)
+        for _ in range(rnd.randint(1, 4)):
+            at = rnd.randrange(len(body))
+            body[at:at + rnd.randint(0, 3)] = rnd.choice(junk)
+        r = await daemon.client.post(TASKS_URL, content=bytes(body))
+        assert r.status_code in (202, 400, 422), (r.status_code, bytes(body), r.text)
+        assert "Traceback" not in r.text
+
+
+# ── DESIGN.md's rules, end to end ────────────────────────────────────────────────────
+
+
+async def test_created_at_is_first_acceptance_and_updated_at_the_latest(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, {"tasks": [task()]})
+    await daemon.flush()
+    created, updated = (await stored_task(db, "task_001"))[5:]
+    assert created == updated
+    await trio.sleep(1.1)  # TIMESTAMP columns hold whole seconds
+    await daemon.post(TASKS_URL, {"tasks": [task(status="completed")]})
+    await daemon.flush()
+    created2, updated2 = (await stored_task(db, "task_001"))[5:]
+    assert created2 == created
+    assert updated2 > updated
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    assert abs((now - updated2).total_seconds()) < 5  # stored as UTC
+
+
+async def test_last_write_wins_inside_a_batch_and_across_batches(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, {"tasks": [task(status="pending"), task(status="processing")]})
+    assert (await stored_task(db, "task_001")) is None
+    await daemon.post(TASKS_URL, {"tasks": [task(status="completed", target_text="你好")]})
+    await daemon.flush()
+    assert (await stored_task(db, "task_001"))[:2] == ("completed", "你好")
+    await daemon.post(TASKS_URL, {"tasks": [task(status="failed")]})
+    await daemon.flush()
+    assert (await stored_task(db, "task_001"))[:2] == ("failed", "你好")
+
+
+async def test_absent_field_keeps_its_value_and_null_clears_it(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session(total_tasks=7, metadata={"a": 1})]})
+    await daemon.post(TASKS_URL, {"tasks": [task(target_text="你好", confidence=0.95, retry_count=2,
+                                                 context="NPC")]})
+    await daemon.flush()
+    # absent in this update: kept; explicit null: cleared
+    await daemon.post(TASKS_URL, {"tasks": [task(status="completed", confidence=None)]})
+    await daemon.post(SESSIONS_URL, {"sessions": [session(status="completed", metadata=None)]})
+    await daemon.flush()
+    status, target, confidence, retries, context = (await stored_task(db, "task_001"))[:5]
+    assert (status, target, confidence, retries, context) == ("completed", "你好", None, 2, "NPC")
+    assert await db.query("SELECT total_tasks, metadata FROM translation_sessions") == ((7, None),)
+
+
+async def test_absent_fields_are_kept_across_buffered_updates(daemon, db):
+    """Partial updates that meet in the buffer before any flush merge the same way."""
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, {"tasks": [task(target_text="a", retry_count=1)]})
+    await daemon.post(TASKS_URL, {"tasks": [task(status="processing", retry_count=None)]})
+    await daemon.post(TASKS_URL, {"tasks": [task(status="completed", confidence=0.12345)]})
+    await daemon.flush()
+    status, target, confidence, retries, _ = (await stored_task(db, "task_001"))[:5]
+    assert (status, target, retries) == ("completed", "a", None)
+    assert float(confidence) == 0.1235  # DECIMAL(5,4), rounded at the door
+
+
+async def test_the_same_batch_twice_stores_the_same_rows(daemon, db):
+    batch = {"tasks": [task(f"t{i}", target_text=f"译文 {i} 😀", confidence=0.5) for i in range(100)]}
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, batch)
+    await daemon.flush()
+    first = await db.query("SELECT task_id, status, target_text, confidence, created_at FROM translation_tasks ORDER BY task_id")
+    await daemon.post(TASKS_URL, batch)
+    await daemon.flush()
+    again = await db.query("SELECT task_id, status, target_text, confidence, created_at FROM translation_tasks ORDER BY task_id")
+    assert again == first and len(first) == 100
+
+
+async def test_ids_that_differ_only_in_case_are_different_rows(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, {"tasks": [task("Task_A", status="completed"), task("task_a")]})
+    await daemon.flush()
+    assert await db.query("SELECT task_id, status FROM translation_tasks ORDER BY status") == (
+        ("Task_A", "completed"), ("task_a", "pending"))
+
+
+async def test_times_are_stored_in_utc_and_naive_times_read_as_utc(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, {"tasks": [task(start_time="2025-09-30T18:10:00+08:00",
+                                                 end_time="2025-09-30T10:10:05.900")]})
+    await daemon.flush()
+    rows = await db.query("SELECT start_time, end_time FROM translation_tasks")
+    assert rows == ((datetime(2025, 9, 30, 10, 10), datetime(2025, 9, 30, 10, 10, 5)),)
+
+
+async def test_tasks_before_their_session_are_held_then_written_after_it(daemon, db):
+    """The reference client sends tasks first. They are accepted, held (reported by
+    /flush as waiting), and written right after their session arrives."""
+    r = await daemon.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(10)]})
+    assert r.status_code == 202
+    flushed = await daemon.flush()
+    assert flushed["tasks_written"] == 0
+    assert flushed["tasks_waiting_for_session"] == 10
+    # updates to held tasks are held with them, and merge
+    await daemon.post(TASKS_URL, {"tasks": [task("t0", status="completed")]})
+    assert (await daemon.flush())["tasks_waiting_for_session"] == 10
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((0,),)
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    flushed = await daemon.flush()
+    assert (flushed["sessions_written"], flushed["tasks_written"], flushed["tasks_waiting_for_session"]) == (1, 10, 0)
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((10,),)
+    assert (await stored_task(db, "t0"))[0] == "completed"
+
+
+async def test_tasks_for_a_session_already_in_the_database_are_not_held(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.flush()
+    await daemon.post(TASKS_URL, {"tasks": [task()]})
+    assert (await daemon.flush())["tasks_written"] == 1
+
+
+async def test_concurrent_flushes_write_nothing_twice(daemon, db):
+    await daemon.post(SESSIONS_URL, {"sessions": [session()]})
+    await daemon.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(500)]})
+    answers = []
+
+    async def flush():
+        answers.append(await daemon.flush())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(flush)
+    assert all(a["status"] == "flushed" for a in answers)
+    metrics = (await daemon.get("/api/v1/system/metrics")).text
+    assert 'persistence_rows_written_total{type="task"} 500.0' in metrics
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((500,),)
+
+
+# ── statements ───────────────────────────────────────────────────────────────────────
+
+
+class Recording:
+    """A real connection that also keeps the statements sent through it."""
+
+    def __init__(self, conn):
+        self.conn, self.statements = conn, []
+
+    async def query(self, sql):
+        self.statements.append(sql)
+        return await self.conn.query(sql)
+
+
+async def test_upserts_are_multi_row_statements_of_at_most_1000_rows(db):
+    await db.query("INSERT INTO translation_sessions (session_id, filename, file_path, llm_provider)"
+                   " VALUES (%s, 'f', 'p', 'openai')", SESSION_ID)
+    at = datetime(2025, 9, 30, 10, 0, tzinfo=timezone.utc)
+    entries = [Entry(row, at, at, 1) for row in task_rows(2500)]
+    async with db.database.connection() as conn:
+        recording = Recording(conn)
+        await upsert(recording, TASKS, entries)
+    assert [s.count("),(") + 1 for s in recording.statements] == [1000, 1000, 500]
+    assert all("ON DUPLICATE KEY UPDATE" in s for s in recording.statements)
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((2500,),)
+
+
+# ── the buffer actor's timing, alone, under the autojump clock ───────────────────────
+
+AT = datetime(2025, 9, 30, 10, 0, tzinfo=timezone.utc)
+
+
+def task_rows(n, **fields):
+    return [msgspec.convert(task(f"t{i}", **fields), TaskIn) for i in range(n)]
+
+
+class BufferHarness:
+    """The buffer actor on its own: we play the http actor and the flusher."""
+
+    def __init__(self, tmp_path, **buffer):
+        self.cfg = make_config(tmp_path, buffer={"flush_interval": 2, "flush_rows": 1000, **buffer})
+        self.to_buffer, self.inbox = trio.open_memory_channel(64)
+        self.to_flusher, self.jobs = trio.open_memory_channel(1)
+        self.dead_letters = DeadLetters(tmp_path / "dead.jsonl", Metrics())
+
+    async def ask(self, message_type, *args):
+        reply, replies = trio.open_memory_channel(1)
+        await self.to_buffer.send(message_type(*args, reply))
+        return await replies.receive()
+
+
+@pytest.fixture
+async def harness(tmp_path, nursery):
+    h = BufferHarness(tmp_path)
+    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    return h
+
+
+async def test_rows_are_flushed_once_flush_interval_elapses(harness, autojump_clock):
+    start = trio.current_time()
+    assert await harness.ask(Write, "tasks", task_rows(10), AT)
+    snapshot, _ = await harness.jobs.receive()
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert len(snapshot.tasks) == 10
+
+
+async def test_rows_are_flushed_as_soon_as_flush_rows_wait(harness, autojump_clock):
+    start = trio.current_time()
+    await harness.ask(Write, "tasks", task_rows(999), AT)
+    with trio.move_on_after(1):
+        await harness.jobs.receive()
+        pytest.fail("flushed before flush_rows or flush_interval")
+    await harness.ask(Write, "tasks", [msgspec.convert(task("t-last"), TaskIn)], AT)
+    snapshot, _ = await harness.jobs.receive()
+    assert trio.current_time() - start == pytest.approx(1.0)
+    assert len(snapshot.tasks) == 1000
+
+
+async def test_buffer_coalesces_by_primary_key(harness, autojump_clock):
+    for status in ("pending", "processing", "completed"):
+        await harness.ask(Write, "tasks", task_rows(300, status=status), AT)
+    snapshot, _ = await harness.jobs.receive()
+    assert len(snapshot.tasks) == 300
+    assert {e.row.status for e in snapshot.tasks.values()} == {"completed"}
+
+
+async def test_failed_flush_keeps_every_row_and_retries_with_growing_backoff(harness, autojump_clock):
+    await harness.ask(Write, "tasks", task_rows(5), AT)
+    first, _ = await harness.jobs.receive()
+    delays = []
+    for _ in range(4):
+        failed_at = trio.current_time()
+        await harness.to_buffer.send(Failed("OperationalError 2003"))
+        again, _ = await harness.jobs.receive()
+        assert again is first  # the same rows, retried as they were
+        delays.append(trio.current_time() - failed_at)
+    assert delays[0] >= RETRY_BASE_S * 0.5
+    assert delays[3] > delays[0]
+    assert all(d <= harness.cfg.buffer.retry_max for d in delays)
+
+
+async def test_newer_writes_win_over_a_snapshot_that_failed_and_was_retried(harness, autojump_clock):
+    """Last write wins across failed and retried flushes: the failed snapshot is
+    retried before anything newer, and the newer state follows it."""
+    await harness.ask(Write, "tasks", task_rows(1, status="processing"), AT)
+    old, _ = await harness.jobs.receive()
+    await harness.ask(Write, "tasks", task_rows(1, status="completed", target_text="done"), AT)
+    await harness.to_buffer.send(Failed("lost connection"))
+    retried, _ = await harness.jobs.receive()
+    assert retried is old
+    await harness.to_buffer.send(Written(0, 1, []))
+    newer, _ = await harness.jobs.receive()
+    assert newer.tasks["t0"].row.status == "completed"
+
+
+async def test_flush_request_is_answered_once_its_rows_are_written(harness, autojump_clock):
+    await harness.ask(Write, "tasks", task_rows(3), AT)
+    reply, replies = trio.open_memory_channel(1)
+    await harness.to_buffer.send(Flush(FlushWaiter(reply)))
+    snapshot, _ = await harness.jobs.receive()  # asked for: no waiting for flush_interval
+    assert trio.current_time() < 1
+    await harness.to_buffer.send(Written(0, 3, []))
+    waiter = await replies.receive()
+    assert waiter.tasks_written == 3
+
+
+async def test_drain_writes_the_last_rows_then_closes_the_flusher(harness, autojump_clock):
+    await harness.ask(Write, "tasks", task_rows(3), AT)
+    await harness.to_buffer.send(Drain())
+    snapshot, _ = await harness.jobs.receive()
+    assert len(snapshot.tasks) == 3
+    await harness.to_buffer.send(Written(0, 3, []))
+    with pytest.raises(trio.EndOfChannel):
+        await harness.jobs.receive()
+
+
+async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_path, nursery, autojump_clock):
+    h = BufferHarness(tmp_path, shutdown_timeout=5)
+    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    await h.ask(Write, "tasks", task_rows(3), AT)
+    await h.to_buffer.send(Drain())
+    while True:
+        try:
+            _, deadline = await h.jobs.receive()
+        except trio.EndOfChannel:
+            break
+        assert deadline <= 5 + 1e-9
+        await h.to_buffer.send(Failed("server gone"))
+    assert trio.current_time() == pytest.approx(5, abs=0.5)
+    lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert sorted(line["row"]["task_id"] for line in lines) == ["t0", "t1", "t2"]
+    assert {line["reason"] for line in lines} == {"database_unreachable_at_shutdown"}
+
+
+async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):
+    h = BufferHarness(tmp_path, orphan_ttl=100)
+    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    await h.ask(Write, "tasks", task_rows(2), AT)
+    await h.jobs.receive()
+    await h.to_buffer.send(Written(0, 0, [Entry(row, AT, AT, 1) for row in task_rows(2)]))
+    await trio.sleep(99)
+    assert not (tmp_path / "dead.jsonl").exists()
+    await trio.sleep(12)
+    lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert [(line["reason"], line["row"]["task_id"]) for line in lines] == [
+        ("orphan_ttl_expired", "t0"), ("orphan_ttl_expired", "t1")]
+
+
+# ── the buffer's merge rules, pure ───────────────────────────────────────────────────
+
+
+def test_held_tasks_move_to_pending_when_their_session_arrives():
+    buf = Buffer(BufferConfig())
+    buf.write("tasks", task_rows(2), AT, 0.0)
+    snapshot = buf.take_snapshot(10.0)
+    assert snapshot is not None
+    buf.written(0, 0, list(snapshot.tasks.values()), 10.0)
+    assert buf.held_count() == 2 and not buf.tasks
+    buf.write("sessions", [msgspec.convert(session(), SessionIn)], AT, 11.0)
+    assert buf.held_count() == 0 and set(buf.tasks) == {"t0", "t1"}
+
+
+def test_buffer_refuses_what_would_pass_max_rows():
+    buf = Buffer(BufferConfig(max_rows=1000))
+    assert buf.has_room(1000)
+    buf.write("tasks", task_rows(600), AT, 0.0)
+    assert not buf.has_room(401)
+    assert buf.has_room(400)
