@@ -519,3 +519,16 @@ def test_buffer_refuses_what_would_pass_max_rows():
     buf.write("tasks", task_rows(600), AT, 0.0)
     assert not buf.has_room(401)
     assert buf.has_room(400)
+
+
+async def test_every_character_is_stored_as_sent(daemon, db):
+    """Escaping round-trips: quotes, backslashes, NUL, control characters, CJK, emoji."""
+    nasty = "它说：\"Hello\", 'adventurer' \\ \\\\n \0 \n\r\t \x1a 😀 🎮 é ' OR 1=1; --"
+    await daemon.post(SESSIONS_URL, {"sessions": [session(game_info={"name": nasty, nasty: [nasty]})]})
+    await daemon.post(TASKS_URL, {"tasks": [task(source_text=nasty, target_text=nasty, context=nasty,
+                                                 error_message=nasty, sheet_name=nasty[:50])]})
+    await daemon.flush()
+    rows = await db.query("SELECT source_text, target_text, context, error_message, sheet_name FROM translation_tasks")
+    assert rows == ((nasty, nasty, nasty, nasty, nasty[:50]),)
+    (game_info,), = await db.query("SELECT game_info FROM translation_sessions")
+    assert json.loads(game_info) == {"name": nasty, nasty: [nasty]}
