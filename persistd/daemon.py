@@ -14,7 +14,10 @@ its state as local variables and talks only through the channel ends it was hand
   place that knows which rows are not yet in the database.
 - flusher: writes one snapshot per job in one transaction over one dedicated connection,
   sessions before tasks, and reports what it wrote or why it failed. It has no policy.
-- janitor: scheduled retention cleanup (next issue) joins the same nursery.
+- janitor: runs the retention cleanup on a schedule; stops between chunks at shutdown.
+
+Reads go to the database through a small pool; single-row reads lay the buffer's state over
+the stored row, and recovery first asks the buffer to write everything out.
 
 Shutdown is one path: SIGTERM/SIGINT sets `stop` → hypercorn stops accepting and lets
 in-flight requests finish → the http actor sends Drain and closes its end → the buffer
@@ -40,7 +43,7 @@ import time
 import tomllib
 import typing
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -74,6 +77,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "sql" / "schema.sql"
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
 FORMAT_SLICE_ROWS = 100  # rows escaped between checkpoints: ~0.5 ms of event-loop time
+STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
 RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
 ORPHAN_SWEEP_MAX_S = 60.0
@@ -101,6 +105,7 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout: Seconds = 5.0
     write_timeout: Seconds = 30.0
     ping_timeout: Seconds = 1.0
+    read_timeout: Seconds = 10.0
     pool_size: Annotated[int, Meta(ge=1, le=64)] = 4
 
 
@@ -118,11 +123,18 @@ class StateConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     dir: str = "state"
 
 
+class JanitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    interval: Annotated[float, Meta(ge=0)] = 3600.0  # 0 turns scheduled cleanup off
+    completed_days: Annotated[int, Meta(ge=0, le=36500)] = 90
+    failed_days: Annotated[int, Meta(ge=0, le=36500)] = 30
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
+    janitor: JanitorConfig = msgspec.field(default_factory=JanitorConfig)
 
 
 class ConfigError(Exception):
@@ -284,6 +296,219 @@ class Health(Struct):
     version: str
 
 
+Days = Annotated[int, Meta(ge=0, le=36500)]
+PageNumber = Annotated[int, Meta(ge=1)]
+PageSize = Annotated[int, Meta(ge=1, le=100)]
+
+
+class SessionQuery(Struct, forbid_unknown_fields=True):
+    status: SessionStatus | None = None
+    from_date: datetime | None = None
+    to_date: datetime | None = None
+    page: PageNumber = 1
+    page_size: PageSize = 20
+    sort_by: Literal["created_at", "updated_at"] = "created_at"
+    order: Literal["asc", "desc"] = "desc"
+
+
+class SessionTaskQuery(Struct, forbid_unknown_fields=True):
+    status: TaskStatus | None = None
+    sheet_name: str | None = None
+    page: PageNumber = 1
+    page_size: PageSize = 20
+
+
+class TaskQuery(Struct, forbid_unknown_fields=True):
+    session_id: str | None = None
+    status: TaskStatus | None = None
+    from_date: datetime | None = None
+    to_date: datetime | None = None
+    page: PageNumber = 1
+    page_size: PageSize = 20
+
+
+class CleanupIn(Struct, forbid_unknown_fields=True):
+    completed_days: Days = 90
+    failed_days: Days = 30
+    dry_run: bool = False
+
+
+class SessionSummary(Struct):  # §4.1 items
+    session_id: str
+    filename: str
+    status: str
+    total_tasks: int | None
+    completed_tasks: int | None
+    failed_tasks: int | None
+    processing_tasks: int | None
+    pending_tasks: int
+    progress: float
+    created_at: datetime
+    updated_at: datetime
+
+
+class SessionDetail(Struct):  # §4.2
+    session_id: str
+    filename: str
+    file_path: str
+    status: str
+    game_info: JsonObject | None
+    llm_provider: str
+    metadata: JsonObject | None
+    total_tasks: int | None
+    completed_tasks: int | None
+    failed_tasks: int | None
+    processing_tasks: int | None
+    pending_tasks: int
+    progress: float
+    created_at: datetime
+    updated_at: datetime
+    estimated_completion: datetime | None
+
+
+class SessionPage(Struct):
+    total: int
+    page: int
+    page_size: int
+    total_pages: int
+    items: list[SessionSummary]
+
+
+class TaskItem(Struct):  # §4.3 items
+    task_id: str
+    batch_id: str
+    sheet_name: str
+    row_index: int
+    column_name: str
+    source_text: str
+    target_text: str | None
+    status: str
+    error_message: str | None
+    retry_count: int | None
+    confidence: float | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class SessionTaskPage(Struct):
+    session_id: str
+    total: int
+    page: int
+    page_size: int
+    total_pages: int
+    items: list[TaskItem]
+
+
+class TaskDetail(Struct):  # §4.4, and the items of §4.5
+    task_id: str
+    session_id: str
+    batch_id: str
+    sheet_name: str
+    row_index: int
+    column_name: str
+    source_text: str
+    target_text: str | None
+    context: str | None
+    status: str
+    confidence: float | None
+    error_message: str | None
+    retry_count: int | None
+    start_time: datetime | None
+    end_time: datetime | None
+    duration_ms: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class TaskPage(Struct):
+    total: int
+    page: int
+    page_size: int
+    total_pages: int
+    items: list[TaskDetail]
+
+
+class IncompleteSession(Struct):  # §5.1
+    session_id: str
+    filename: str
+    status: str
+    total_tasks: int | None
+    completed_tasks: int | None
+    pending_tasks: int
+    failed_tasks: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class IncompleteSessions(Struct):
+    count: int
+    sessions: list[IncompleteSession]
+
+
+class RestoredSession(Struct):  # §5.2 "session"
+    session_id: str
+    filename: str
+    file_path: str
+    status: str
+    game_info: JsonObject | None
+    llm_provider: str
+    total_tasks: int | None
+    completed_tasks: int | None
+    failed_tasks: int | None
+    pending_tasks: int
+
+
+class RestoredTask(Struct):  # §5.2 "tasks"
+    task_id: str
+    batch_id: str
+    sheet_name: str
+    row_index: int
+    column_name: str
+    source_text: str
+    status: str
+    created_at: datetime
+
+
+class Restored(Struct):
+    session_id: str
+    session: RestoredSession
+    tasks_count: int
+    tasks: list[RestoredTask]
+    restored_at: datetime
+
+
+class DeletedSession(Struct):  # §6.1
+    status: str
+    session_id: str
+    deleted_tasks: int
+
+
+class CleanupOut(Struct):  # §6.2
+    status: str
+    deleted_sessions: int
+    deleted_tasks: int
+    dry_run: bool
+
+
+class Performance(Struct):
+    average_session_time: float | None  # seconds, completed sessions
+    average_task_time: float | None  # seconds, from duration_ms of completed tasks
+    success_rate: float | None  # completed / (completed + failed) tasks, percent
+
+
+class Storage(Struct):
+    database_size_mb: float
+    sessions_table_rows: int
+    tasks_table_rows: int
+
+
+class Stats(Struct):  # §6.3
+    sessions: dict[str, int]
+    tasks: dict[str, int]
+    performance: Performance
+    storage: Storage
+
+
 class ApiError(Exception):
     """A refusal rendered in the error format of DESIGN.md."""
 
@@ -418,6 +643,45 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+# ── derived fields (pure) ────────────────────────────────────────────────────────────
+
+FINISHED = frozenset({"completed", "failed", "cancelled"})
+
+
+def pending_tasks(s: dict) -> int:
+    return max((s["total_tasks"] or 0) - (s["completed_tasks"] or 0) - (s["failed_tasks"] or 0)
+               - (s["processing_tasks"] or 0), 0)
+
+
+def progress(s: dict) -> float:
+    total = s["total_tasks"] or 0
+    return round(100 * (s["completed_tasks"] or 0) / total, 1) if total else 0.0
+
+
+def estimated_completion(s: dict) -> datetime | None:
+    """Extrapolates the completion rate between created_at and the last update."""
+    completed, total = s["completed_tasks"] or 0, s["total_tasks"] or 0
+    remaining = total - completed - (s["failed_tasks"] or 0)
+    elapsed = (s["updated_at"] - s["created_at"]).total_seconds()
+    if s["status"] in FINISHED or completed <= 0 or remaining <= 0 or elapsed <= 0:
+        return None
+    return (s["updated_at"] + timedelta(seconds=remaining * elapsed / completed)).replace(microsecond=0)
+
+
+def with_derived(s: dict) -> dict:
+    return {**s, "pending_tasks": pending_tasks(s), "progress": progress(s),
+            "estimated_completion": estimated_completion(s)}
+
+
+def total_pages(total: int, page_size: int) -> int:
+    return math.ceil(total / page_size)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A query parameter as the naive UTC time the TIMESTAMP columns compare with."""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).replace(tzinfo=None)
+
+
 # ── metrics ──────────────────────────────────────────────────────────────────────────
 # A private registry per daemon, so that tests can run several in one process.
 
@@ -530,6 +794,7 @@ class Buffer:
         self.last_flush: datetime | None = None
         self.last_error: str | None = None
         self.waiters: list[FlushWaiter] = []
+        self.after_in_flight: list[tuple[trio.MemorySendChannel, Any]] = []  # answered once it is written
 
     # size
     def held_count(self) -> int:
@@ -603,8 +868,8 @@ class Buffer:
         self.waiters = [w for w in self.waiters if w.target > self.durable_seq]
         return done
 
-    def written(self, sessions: int, tasks: int, held: list[Entry], now: float) -> list[FlushWaiter]:
-        """The snapshot in flight is in the database; returns the /flush calls answered."""
+    def written(self, sessions: int, tasks: int, held: list[Entry], now: float) -> list[tuple[trio.MemorySendChannel, Any]]:
+        """The snapshot in flight is in the database; returns the replies now due."""
         snapshot = self.in_flight
         assert snapshot is not None and self.flusher_busy
         self.in_flight, self.flusher_busy = None, False
@@ -621,7 +886,8 @@ class Buffer:
         for waiter in self.waiters:
             waiter.sessions_written += sessions
             waiter.tasks_written += tasks
-        return self._settle()
+        due, self.after_in_flight = self.after_in_flight, []
+        return due + [(waiter.reply, waiter) for waiter in self._settle()]
 
     def failed(self, error: str, now: float) -> float:
         """Schedule the retry of the snapshot in flight; returns the delay."""
@@ -648,6 +914,27 @@ class Buffer:
     def oldest_held(self, now: float) -> float | None:
         since = [e.held_since for group in self.held.values() for e in group.values()]
         return now - min(since) if since else None
+
+    def lookup(self, key: str, row_id: str) -> list[Entry]:
+        """Every buffered state of one row, oldest first: what a GET lays over the database."""
+        found = [self.sessions.get(row_id)] if key == "sessions" else [self.tasks.get(row_id)]
+        if self.in_flight is not None:
+            found.append((self.in_flight.sessions if key == "sessions" else self.in_flight.tasks).get(row_id))
+        if key == "tasks":
+            found.extend(group.get(row_id) for group in self.held.values())
+        return sorted((e for e in found if e is not None), key=operator.attrgetter("seq"))
+
+    def forget(self, session_id: str) -> tuple[bool, list[str]]:
+        """Drop a deleted session's pending and held rows, so no later flush brings it back.
+        Returns whether its session row was buffered and the ids of the tasks dropped."""
+        had_session = self.sessions.pop(session_id, None) is not None
+        dropped = [k for k, e in self.tasks.items() if e.row.session_id == session_id]
+        for task_id in dropped:
+            del self.tasks[task_id]
+        dropped.extend(self.held.pop(session_id, {}))
+        if self.in_flight is not None:
+            had_session = had_session or session_id in self.in_flight.sessions
+        return had_session, dropped
 
     def idle(self) -> bool:
         """Nothing left that the flusher could write."""
@@ -828,6 +1115,216 @@ async def ensure_schema(conn: trio_mysql.Connection) -> None:
         await conn.query(statement)
 
 
+SESSION_COLUMNS = ("session_id, filename, file_path, status, game_info, llm_provider, metadata, total_tasks,"
+                   " completed_tasks, failed_tasks, processing_tasks, created_at, updated_at")
+TASK_COLUMNS = ("task_id, session_id, batch_id, sheet_name, row_index, column_name, source_text, target_text,"
+                " context, status, confidence, error_message, retry_count, start_time, end_time, duration_ms,"
+                " created_at, updated_at")
+SHEET_ORDER = "sheet_name, row_index, column_name, task_id"
+DELETE_CHUNK_ROWS = 5000  # rows one DELETE statement removes: short locks for concurrent writes
+CLEANUP_CHUNK_SESSIONS = 100
+CLEANUP_WHERE = ("(status = 'completed' AND updated_at < %s)"
+                 " OR (status IN ('failed', 'cancelled') AND updated_at < %s)")
+SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at"}  # never request text in SQL
+ORDERS = {"asc": "ASC", "desc": "DESC"}
+# What the columns hold for a row that never carried an optional field.
+DB_DEFAULTS = {**{name: None for t in (SessionIn, TaskIn) for name in OPTIONAL_FIELDS[t]},
+               "total_tasks": 0, "completed_tasks": 0, "failed_tasks": 0, "processing_tasks": 0, "retry_count": 0}
+
+
+def from_db(row: dict) -> dict:
+    """A row as the API shows it: times UTC-aware, JSON decoded, DECIMAL as float."""
+    for name in ("created_at", "updated_at", "start_time", "end_time"):
+        if row.get(name) is not None:
+            row[name] = row[name].replace(tzinfo=UTC)
+    for name in ("game_info", "metadata"):
+        if row.get(name) is not None:
+            row[name] = msgspec.json.decode(row[name])
+    if row.get("confidence") is not None:
+        row["confidence"] = float(row["confidence"])
+    return row
+
+
+def overlay(stored: dict | None, buffered: list[Entry]) -> dict | None:
+    """The latest accepted state of a row: its buffered states laid over the stored one."""
+    if not buffered:
+        return stored
+    state = dict(stored) if stored is not None else {**DB_DEFAULTS, "created_at": buffered[0].created_at}
+    for entry in buffered:
+        for name, value in msgspec.structs.asdict(entry.row).items():
+            if value is not UNSET:
+                state[name] = value
+        state["updated_at"] = entry.updated_at
+    return state
+
+
+async def fetch(conn: trio_mysql.Connection, sql: str, *args: Any) -> list[dict]:
+    async with conn.cursor(trio_mysql.cursors.DictCursor) as cursor:
+        await cursor.execute(sql, args or None)
+        return [from_db(row) for row in await cursor.fetchall()]
+
+
+async def fetch_one(conn: trio_mysql.Connection, sql: str, *args: Any) -> dict | None:
+    rows = await fetch(conn, sql, *args)
+    return rows[0] if rows else None
+
+
+async def count(conn: trio_mysql.Connection, sql: str, *args: Any) -> int:
+    return int((await fetch_one(conn, sql, *args))["n"] or 0)
+
+
+def date_filters(q: SessionQuery | TaskQuery, where: list[str], args: list[Any]) -> None:
+    if q.from_date is not None:
+        where.append("created_at >= %s")
+        args.append(as_utc(q.from_date))
+    if q.to_date is not None:
+        where.append("created_at <= %s")
+        args.append(as_utc(q.to_date))
+
+
+def where_clause(where: list[str]) -> str:
+    return " WHERE " + " AND ".join(where) if where else ""
+
+
+async def list_sessions(conn: trio_mysql.Connection, q: SessionQuery) -> tuple[int, list[dict]]:
+    where, args = ([], [])
+    if q.status is not None:
+        where.append("status = %s")
+        args.append(q.status)
+    date_filters(q, where, args)
+    order = f"{SORT_COLUMNS[q.sort_by]} {ORDERS[q.order]}, session_id {ORDERS[q.order]}"
+    total = await count(conn, "SELECT COUNT(*) AS n FROM translation_sessions" + where_clause(where), *args)
+    rows = await fetch(conn, f"SELECT {SESSION_COLUMNS} FROM translation_sessions{where_clause(where)}"
+                             f" ORDER BY {order} LIMIT %s OFFSET %s", *args, q.page_size, (q.page - 1) * q.page_size)
+    return total, rows
+
+
+async def list_session_tasks(conn: trio_mysql.Connection, session_id: str, q: SessionTaskQuery) -> tuple[int, list[dict]]:
+    where, args = ["session_id = %s"], [session_id]
+    if q.status is not None:
+        where.append("status = %s")
+        args.append(q.status)
+    if q.sheet_name is not None:
+        where.append("sheet_name = %s")
+        args.append(q.sheet_name)
+    total = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks" + where_clause(where), *args)
+    rows = await fetch(conn, f"SELECT {TASK_COLUMNS} FROM translation_tasks{where_clause(where)}"
+                             f" ORDER BY {SHEET_ORDER} LIMIT %s OFFSET %s", *args, q.page_size, (q.page - 1) * q.page_size)
+    return total, rows
+
+
+async def list_tasks(conn: trio_mysql.Connection, q: TaskQuery) -> tuple[int, list[dict]]:
+    """Newest first; ties broken by task_id so pages never overlap or skip."""
+    where, args = ([], [])
+    if q.session_id is not None:
+        where.append("session_id = %s")
+        args.append(q.session_id)
+    if q.status is not None:
+        where.append("status = %s")
+        args.append(q.status)
+    date_filters(q, where, args)
+    total = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks" + where_clause(where), *args)
+    rows = await fetch(conn, f"SELECT {TASK_COLUMNS} FROM translation_tasks{where_clause(where)}"
+                             " ORDER BY created_at DESC, task_id DESC LIMIT %s OFFSET %s",
+                       *args, q.page_size, (q.page - 1) * q.page_size)
+    return total, rows
+
+
+async def incomplete_sessions(conn: trio_mysql.Connection) -> list[dict]:
+    return await fetch(conn, f"SELECT {SESSION_COLUMNS} FROM translation_sessions"
+                             " WHERE status IN ('pending', 'processing') ORDER BY created_at, session_id")
+
+
+async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list[dict]:
+    return await fetch(conn, "SELECT task_id, batch_id, sheet_name, row_index, column_name, source_text, status,"
+                             " created_at FROM translation_tasks WHERE session_id = %s"
+                             f" AND status IN ('pending', 'processing') ORDER BY {SHEET_ORDER}", session_id)
+
+
+async def delete_chunked(conn: trio_mysql.Connection, sql: str, *args: Any) -> int:
+    """Repeats a DELETE ... LIMIT until it deletes nothing more. Autocommit: each chunk
+    commits, so concurrent writes wait at most one chunk."""
+    deleted = 0
+    while True:
+        async with conn.cursor() as cursor:
+            n = await cursor.execute(f"{sql} LIMIT {DELETE_CHUNK_ROWS}", args)
+        deleted += n
+        if n < DELETE_CHUNK_ROWS:
+            return deleted
+
+
+async def delete_session(conn: trio_mysql.Connection, session_id: str, buffered_tasks: list[str]) -> tuple[bool, int]:
+    """Deletes a session and its tasks. Returns whether the session was stored and how many
+    tasks are gone: the stored ones and the buffered ones that were never written."""
+    unwritten = set(buffered_tasks)
+    for i in range(0, len(buffered_tasks), DELETE_CHUNK_ROWS):
+        chunk = buffered_tasks[i:i + DELETE_CHUNK_ROWS]
+        unwritten -= {r["task_id"] for r in await fetch(
+            conn, "SELECT task_id FROM translation_tasks WHERE task_id IN %s", chunk)}
+    deleted = await delete_chunked(conn, "DELETE FROM translation_tasks WHERE session_id = %s", session_id)
+    async with conn.cursor() as cursor:
+        existed = await cursor.execute("DELETE FROM translation_sessions WHERE session_id = %s", (session_id,))
+    return bool(existed), deleted + len(unwritten)
+
+
+def cleanup_cutoffs(now: datetime, completed_days: int, failed_days: int) -> tuple[datetime, datetime]:
+    """Naive UTC cut-offs: completed sessions older than completed_days, failed and
+    cancelled ones older than failed_days (by their last update) are expired."""
+    now = now.astimezone(UTC).replace(tzinfo=None)
+    return now - timedelta(days=completed_days), now - timedelta(days=failed_days)
+
+
+async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime], dry_run: bool,
+                  stop: trio.Event | None = None) -> tuple[int, int]:
+    """Deletes expired sessions with their tasks, CLEANUP_CHUNK_SESSIONS sessions and
+    DELETE_CHUNK_ROWS tasks at a time, until none is left or `stop` is set. A dry run
+    counts the same rows and deletes none."""
+    if dry_run:
+        sessions = await count(conn, f"SELECT COUNT(*) AS n FROM translation_sessions WHERE {CLEANUP_WHERE}", *cutoffs)
+        tasks = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks WHERE session_id IN"
+                                  f" (SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE})", *cutoffs)
+        return sessions, tasks
+    sessions = tasks = 0
+    while stop is None or not stop.is_set():
+        ids = [r["session_id"] for r in await fetch(
+            conn, f"SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE}"
+                  f" ORDER BY session_id LIMIT {CLEANUP_CHUNK_SESSIONS}", *cutoffs)]
+        if not ids:
+            return sessions, tasks
+        tasks += await delete_chunked(conn, "DELETE FROM translation_tasks WHERE session_id IN %s", ids)
+        async with conn.cursor() as cursor:
+            sessions += await cursor.execute("DELETE FROM translation_sessions WHERE session_id IN %s", (ids,))
+    return sessions, tasks
+
+
+async def read_stats(conn: trio_mysql.Connection) -> Stats:
+    by_status = {}
+    for table, statuses in (("translation_sessions", typing.get_args(SessionStatus)),
+                            ("translation_tasks", typing.get_args(TaskStatus))):
+        counts = {r["status"]: int(r["n"]) for r in await fetch(
+            conn, f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status")}
+        by_status[table] = {"total": sum(counts.values()), **{s: counts.get(s, 0) for s in statuses}}
+    tasks = by_status["translation_tasks"]
+    session_time = (await fetch_one(conn, "SELECT AVG(TIMESTAMPDIFF(SECOND, created_at, updated_at)) AS s"
+                                          " FROM translation_sessions WHERE status = 'completed'"))["s"]
+    task_ms = (await fetch_one(conn, "SELECT AVG(duration_ms) AS ms FROM translation_tasks"
+                                     " WHERE status = 'completed'"))["ms"]
+    finished = tasks["completed"] + tasks["failed"]
+    catalog = {r["name"]: r for r in await fetch(
+        conn, "SELECT table_name AS name, table_rows AS n, data_length + index_length AS bytes"
+              " FROM information_schema.tables WHERE table_schema = DATABASE()")}
+    return Stats(
+        sessions=by_status["translation_sessions"], tasks=tasks,
+        performance=Performance(
+            average_session_time=None if session_time is None else round(float(session_time), 1),
+            average_task_time=None if task_ms is None else round(float(task_ms) / 1000, 3),
+            success_rate=round(100 * tasks["completed"] / finished, 1) if finished else None),
+        storage=Storage(
+            database_size_mb=round(sum(int(r["bytes"] or 0) for r in catalog.values()) / 2**20, 1),
+            sessions_table_rows=int(catalog.get("translation_sessions", {}).get("n") or 0),
+            tasks_table_rows=int(catalog.get("translation_tasks", {}).get("n") or 0)))
+
+
 class Database:
     """Connection factory and a small pool for short reads. The flusher keeps its own
     connection. After any error or cancellation a connection is thrown away, never
@@ -905,6 +1402,17 @@ class Status(NamedTuple):  # http → buffer; answered with BufferStatus
     reply: trio.MemorySendChannel
 
 
+class Lookup(NamedTuple):  # http → buffer; answered with copies of the row's buffered states
+    key: str
+    row_id: str
+    reply: trio.MemorySendChannel
+
+
+class Forget(NamedTuple):  # http → buffer; answered (had_session, dropped task ids)
+    session_id: str
+    reply: trio.MemorySendChannel
+
+
 class Drain(NamedTuple):  # http → buffer: no more requests will come
     pass
 
@@ -955,6 +1463,25 @@ def buffer_status(buf: Buffer, now: float) -> BufferStatus:
 JSON = "application/json"
 HTTP_ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
                     413: "PAYLOAD_TOO_LARGE"}
+
+
+def validation_error(exc: msgspec.ValidationError, where: str = "") -> tuple[str, str]:
+    """msgspec's "message - at `$.path`" as (field, message)."""
+    text = str(exc)
+    if m := re.fullmatch(r"(.*) - at `\$\.?(.*)`", text):
+        return where + m[2], m[1]
+    if m := re.fullmatch(r"Object contains unknown field `(.*)`", text):
+        return where + m[1], "Unknown field"
+    return where, text
+
+
+def decode_body(type_: type, body: bytes) -> Any:
+    try:
+        return _decoder(type_).decode(body)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "VALIDATION_ERROR", "Invalid request body", [validation_error(exc)]) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "INVALID_JSON", f"Request body is not valid JSON: {exc}") from None
 
 
 def json_response(status: int, body: Any) -> Response:
@@ -1022,24 +1549,145 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     async def tasks_batch() -> Response:
         return await accept("tasks")
 
+    async def ask_within(timeout: float, message: type, *args: Any) -> Any:
+        """`ask`, or None when no answer came within `timeout` (the buffer waits for the
+        database: a flush that keeps failing)."""
+        reply, replies = trio.open_memory_channel(1)
+        async with replies:
+            await to_buffer.send(message(*args, reply))
+            with trio.move_on_after(timeout):
+                return await replies.receive()
+        return None
+
+    def flush_timed_out(status: BufferStatus) -> str:
+        return (f"Not everything was written within {cfg.buffer.flush_timeout:g} s "
+                f"({status.last_error or 'the database is slow'}); the rows are kept and retried")
+
+    async def write_out() -> None:
+        """Recovery reads the database: first everything accepted must be in it."""
+        if await ask_within(cfg.buffer.flush_timeout, lambda reply: Flush(FlushWaiter(reply))) is None:
+            raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))
+
+    async def read(fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:
+        try:
+            with trio.fail_after(timeout or cfg.database.read_timeout):
+                async with db.connection() as conn:
+                    return await fn(conn, *args)
+        except (*DB_ERRORS, trio.TooSlowError) as exc:
+            log.warning("read failed: %s: %s", type(exc).__name__, exc)
+            raise ApiError(503, "DATABASE_UNAVAILABLE", "The database did not answer; retry later") from None
+
+    def params(type_: type) -> Any:
+        try:
+            return msgspec.convert(request.args.to_dict(), type_, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ApiError(422, "VALIDATION_ERROR", "Invalid query parameters", [validation_error(exc)]) from None
+
     @app.post("/api/v1/translation/flush")
     async def flush() -> Response:
         started_at = trio.current_time()
-        reply, replies = trio.open_memory_channel(1)
-        async with replies:
-            await to_buffer.send(Flush(FlushWaiter(reply)))
-            with trio.move_on_after(cfg.buffer.flush_timeout):
-                waiter = await replies.receive()
+        waiter = await ask_within(cfg.buffer.flush_timeout, lambda reply: Flush(FlushWaiter(reply)))
         duration_ms = round(1000 * (trio.current_time() - started_at))
         status = await ask(Status)
         if waiter is None:
             return json_response(503, FlushAnswer(
                 "error", 0, 0, duration_ms, status.held_tasks, error_code="FLUSH_TIMEOUT",
-                detail=f"Not everything was written within {cfg.buffer.flush_timeout:g} s "
-                       f"({status.last_error or 'the database is slow'}); the rows are kept and retried",
-                errors=[]))
+                detail=flush_timed_out(status), errors=[]))
         return json_response(200, FlushAnswer(
             "flushed", waiter.sessions_written, waiter.tasks_written, duration_ms, status.held_tasks))
+
+    async def latest(key: str, row_id: str, sql: str) -> dict | None:
+        buffered = await ask(Lookup, key, row_id)
+        return overlay(await read(fetch_one, sql, row_id), buffered)
+
+    @app.get("/api/v1/translation/sessions")
+    async def sessions_list() -> Response:
+        q = params(SessionQuery)
+        total, rows = await read(list_sessions, q)
+        return json_response(200, SessionPage(total, q.page, q.page_size, total_pages(total, q.page_size),
+                                              [msgspec.convert(with_derived(r), SessionSummary) for r in rows]))
+
+    @app.get("/api/v1/translation/sessions/<session_id>")
+    async def session_detail(session_id: str) -> Response:
+        state = await latest("sessions", session_id,
+                             f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s")
+        if state is None:
+            raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
+        return json_response(200, msgspec.convert(with_derived(state), SessionDetail))
+
+    @app.get("/api/v1/translation/sessions/<session_id>/tasks")
+    async def session_tasks(session_id: str) -> Response:
+        q = params(SessionTaskQuery)
+        if await latest("sessions", session_id, "SELECT session_id FROM translation_sessions WHERE session_id = %s") is None:
+            raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
+        total, rows = await read(list_session_tasks, session_id, q)
+        return json_response(200, SessionTaskPage(session_id, total, q.page, q.page_size, total_pages(total, q.page_size),
+                                                  [msgspec.convert(r, TaskItem) for r in rows]))
+
+    @app.get("/api/v1/translation/tasks/<task_id>")
+    async def task_detail(task_id: str) -> Response:
+        state = await latest("tasks", task_id, f"SELECT {TASK_COLUMNS} FROM translation_tasks WHERE task_id = %s")
+        if state is None:
+            raise ApiError(404, "NOT_FOUND", "Task not found", task_id=task_id)
+        return json_response(200, msgspec.convert(state, TaskDetail))
+
+    @app.get("/api/v1/translation/tasks")
+    async def tasks_list() -> Response:
+        q = params(TaskQuery)
+        total, rows = await read(list_tasks, q)
+        return json_response(200, TaskPage(total, q.page, q.page_size, total_pages(total, q.page_size),
+                                           [msgspec.convert(r, TaskDetail) for r in rows]))
+
+    @app.get("/api/v1/translation/recovery/incomplete-sessions")
+    async def recovery_incomplete() -> Response:
+        await write_out()
+        rows = await read(incomplete_sessions)
+        return json_response(200, IncompleteSessions(
+            len(rows), [msgspec.convert(with_derived(r), IncompleteSession) for r in rows]))
+
+    @app.post("/api/v1/translation/recovery/restore/<session_id>")
+    async def recovery_restore(session_id: str) -> Response:
+        await write_out()
+        stored = await read(fetch_one, f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s",
+                            session_id)
+        if stored is None:
+            raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
+        tasks = await read(unfinished_tasks, session_id)
+        return json_response(200, Restored(
+            session_id, msgspec.convert(with_derived(stored), RestoredSession), len(tasks),
+            msgspec.convert(tasks, list[RestoredTask]), utc_now()))
+
+    @app.delete("/api/v1/translation/sessions/<session_id>")
+    async def session_delete(session_id: str) -> Response:
+        forgotten = await ask_within(cfg.buffer.flush_timeout, Forget, session_id)
+        if forgotten is None:
+            raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))
+        had_session, dropped = forgotten
+        existed, deleted_tasks = await read(delete_session, session_id, dropped)
+        if not (existed or had_session or dropped):
+            raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
+        return json_response(200, DeletedSession("deleted", session_id, deleted_tasks))
+
+    @app.post("/api/v1/translation/sessions/cleanup")
+    async def sessions_cleanup() -> Response:
+        body = await request.get_data(cache=False)
+        q = decode_body(CleanupIn, body) if body.strip() else CleanupIn()
+        cutoffs = cleanup_cutoffs(utc_now(), q.completed_days, q.failed_days)
+        sessions, tasks = await read(cleanup, cutoffs, q.dry_run, timeout=math.inf)
+        return json_response(200, CleanupOut("completed", sessions, tasks, q.dry_run))
+
+    stats_cache: list[Any] = [None, -math.inf]  # (Stats, trio time read)
+    stats_lock = trio.Lock()
+
+    @app.get("/api/v1/translation/stats")
+    async def stats() -> Response:
+        """Read from the database at most every STATS_CACHE_S; while one request reads,
+        the others are answered from the previous reading."""
+        if trio.current_time() - stats_cache[1] > STATS_CACHE_S and not (stats_lock.locked() and stats_cache[0]):
+            async with stats_lock:
+                if trio.current_time() - stats_cache[1] > STATS_CACHE_S:
+                    stats_cache[:] = [await read(read_stats), trio.current_time()]
+        return json_response(200, stats_cache[0])
 
     @app.get("/health")
     async def health() -> Response:
@@ -1112,8 +1760,19 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                     case Status(reply):
                         answer(reply, buffer_status(buf, now))
                     case Written(sessions, tasks, held):
-                        for waiter in buf.written(sessions, tasks, held, now):
-                            answer(waiter.reply, waiter)
+                        for reply, value in buf.written(sessions, tasks, held, now):
+                            answer(reply, value)
+                    case Lookup(key, row_id, reply):
+                        answer(reply, [msgspec.structs.replace(e, row=msgspec.structs.replace(e.row))
+                                       for e in buf.lookup(key, row_id)])
+                    case Forget(session_id, reply):
+                        # Answered once no snapshot with its older rows is in flight: the
+                        # database delete that follows cannot be overtaken by them.
+                        forgotten = buf.forget(session_id)
+                        if buf.in_flight is None:
+                            answer(reply, forgotten)
+                        else:
+                            buf.after_in_flight.append((reply, forgotten))
                     case Failed(error):
                         delay = buf.failed(error, now)
                         log.warning("flush failed, retrying in %.1f s: %s", delay, error)
@@ -1139,6 +1798,14 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
     """Writes each job's snapshot in one transaction and reports Written or Failed. One
     dedicated connection, replaced after any failure. No policy lives here."""
     conn = None
+    try:  # create the database and tables at start, so that reads work before any write
+        conn = await db.connect(create=True)
+        await ensure_schema(conn)
+    except DB_ERRORS as exc:
+        log.warning("database not ready at start (writes will retry): %s: %s", type(exc).__name__, exc)
+        if conn is not None:
+            conn.close()
+            conn = None
     async with jobs, results:
         async for snapshot, deadline in jobs:
             started = trio.current_time()
@@ -1168,6 +1835,24 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
         conn.close()
 
 
+async def janitor_actor(cfg: Config, db: Database, stop: trio.Event) -> None:
+    """Runs the retention cleanup of POST /sessions/cleanup every `[janitor] interval`
+    seconds until `stop`; a run in progress stops after its current chunk."""
+    if not cfg.janitor.interval:
+        return
+    while True:
+        with trio.move_on_after(cfg.janitor.interval):
+            await stop.wait()
+            return
+        cutoffs = cleanup_cutoffs(utc_now(), cfg.janitor.completed_days, cfg.janitor.failed_days)
+        try:
+            async with db.connection() as conn:
+                sessions, tasks = await cleanup(conn, cutoffs, False, stop)
+            log.info("cleanup: %d sessions and %d tasks deleted", sessions, tasks)
+        except DB_ERRORS as exc:
+            log.warning("cleanup failed, next run in %g s: %s: %s", cfg.janitor.interval, type(exc).__name__, exc)
+
+
 # ── run() and the command line ───────────────────────────────────────────────────────
 
 
@@ -1185,6 +1870,7 @@ async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flusher_actor, db, flusher_inbox, to_buffer.clone(), metrics)
             nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, dead_letters)
+            nursery.start_soon(janitor_actor, cfg, db, stop)
             port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
             task_status.started(port)
     finally:
