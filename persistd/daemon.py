@@ -941,7 +941,9 @@ class Buffer:
         return self.in_flight is None and not (self.sessions or self.tasks)
 
     def take_all(self) -> list[tuple[str, Entry]]:
-        """Everything still in memory, for the dead-letter file when the daemon must go."""
+        """Everything still in memory, for the dead-letter file when the daemon must go,
+        in the order it was accepted: replaying the file line by line ends with the
+        state accepted last."""
         rows = [("translation_sessions", e) for e in self.sessions.values()]
         if self.in_flight is not None:
             rows += [("translation_sessions", e) for e in self.in_flight.sessions.values()]
@@ -949,7 +951,7 @@ class Buffer:
         rows += [("translation_tasks", e) for e in self.tasks.values()]
         rows += [("translation_tasks", e) for g in self.held.values() for e in g.values()]
         self.sessions, self.tasks, self.held, self.in_flight = {}, {}, {}, None
-        return rows
+        return sorted(rows, key=lambda row: row[1].seq)
 
     def next_wakeup(self) -> float:
         if self.in_flight is not None:
@@ -1365,18 +1367,21 @@ class Database:
             try:
                 yield conn
             except BaseException:
+                # After an outage every idle connection is dead too: none is reused.
                 conn.close()
+                self.close()
                 raise
             self._idle.append(conn)
 
     async def ping(self) -> bool:
         with trio.move_on_after(self.cfg.ping_timeout):
-            try:
-                async with self.connection() as conn:
-                    await conn.query("SELECT 1")
-                return True
-            except DB_ERRORS:
-                return False
+            for _ in range(2):  # a pooled connection may have died with an outage
+                try:
+                    async with self.connection() as conn:
+                        await conn.query("SELECT 1")
+                    return True
+                except DB_ERRORS:
+                    pass
         return False
 
     def close(self) -> None:
@@ -1419,7 +1424,9 @@ class Drain(NamedTuple):  # http → buffer: no more requests will come
 
 class Job(NamedTuple):  # buffer → flusher
     snapshot: Snapshot
-    deadline: float  # trio clock: give up (and report Failed) at this time
+    # The flusher gives up (and reports Failed) when this scope's deadline passes. The
+    # buffer keeps it, so that at shutdown it can shorten an attempt already running.
+    scope: trio.CancelScope
 
 
 class Written(NamedTuple):  # flusher → buffer
@@ -1524,7 +1531,9 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
-        return await api_error(ApiError(code, HTTP_ERROR_CODES.get(code, "HTTP_ERROR"), exc.description or exc.name))
+        error = ApiError(code, HTTP_ERROR_CODES.get(code, "HTTP_ERROR"), exc.description or exc.name)
+        error.headers.update((k, v) for k, v in exc.get_headers() if k.lower() != "content-type")  # e.g. Allow
+        return await api_error(error)
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
@@ -1571,8 +1580,12 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     async def read(fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:
         try:
             with trio.fail_after(timeout or cfg.database.read_timeout):
-                async with db.connection() as conn:
-                    return await fn(conn, *args)
+                try:
+                    async with db.connection() as conn:
+                        return await fn(conn, *args)
+                except DB_ERRORS:  # a pooled connection may have died with an outage; reads are idempotent
+                    async with db.connection() as conn:
+                        return await fn(conn, *args)
         except (*DB_ERRORS, trio.TooSlowError) as exc:
             log.warning("read failed: %s: %s", type(exc).__name__, exc)
             raise ApiError(503, "DATABASE_UNAVAILABLE", "The database did not answer; retry later") from None
@@ -1743,9 +1756,13 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
     sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
     next_sweep = trio.current_time() + sweep_every
     drain_deadline = math.inf
+    attempt = trio.CancelScope()  # the job the flusher has, or had last
     async with inbox, jobs:
         while True:
-            with trio.move_on_at(min(buf.next_wakeup(), next_sweep, drain_deadline)):
+            # While the flusher is busy its answer is what the drain waits for: the
+            # deadline is then its attempt's, not a reason to stop listening.
+            wakeup = min(buf.next_wakeup(), next_sweep, math.inf if buf.flusher_busy else drain_deadline)
+            with trio.move_on_at(wakeup):
                 message = await inbox.receive()
                 now = trio.current_time()
                 match message:
@@ -1779,6 +1796,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                     case Drain():
                         buf.draining = True
                         drain_deadline = now + cfg.buffer.shutdown_timeout
+                        attempt.deadline = min(attempt.deadline, drain_deadline)
             now = trio.current_time()
             if now >= next_sweep:
                 next_sweep = now + sweep_every
@@ -1788,7 +1806,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                 break
             snapshot = buf.take_snapshot(now)
             if snapshot is not None:
-                jobs.send_nowait(Job(snapshot, min(now + cfg.database.write_timeout, drain_deadline)))
+                attempt = trio.CancelScope(deadline=min(now + cfg.database.write_timeout, drain_deadline))
+                jobs.send_nowait(Job(snapshot, attempt))
         reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
         dead_letters.write(reason, buf.take_all())
 
@@ -1807,10 +1826,10 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
             conn.close()
             conn = None
     async with jobs, results:
-        async for snapshot, deadline in jobs:
+        async for snapshot, scope in jobs:
             started = trio.current_time()
             outcome: Written | Failed | None = None
-            with trio.move_on_at(deadline):
+            with scope:
                 try:
                     if conn is None:
                         conn = await db.connect(create=True)

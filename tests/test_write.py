@@ -474,15 +474,33 @@ async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_
     await h.to_buffer.send(Drain())
     while True:
         try:
-            _, deadline = await h.jobs.receive()
+            _, attempt = await h.jobs.receive()
         except trio.EndOfChannel:
             break
-        assert deadline <= 5 + 1e-9
+        assert attempt.deadline <= 5 + 1e-9
         await h.to_buffer.send(Failed("server gone"))
     assert trio.current_time() == pytest.approx(5, abs=0.5)
     lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert sorted(line["row"]["task_id"] for line in lines) == ["t0", "t1", "t2"]
     assert {line["reason"] for line in lines} == {"database_unreachable_at_shutdown"}
+
+
+async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp_path, nursery, autojump_clock):
+    h = BufferHarness(tmp_path, shutdown_timeout=5)
+    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    await h.ask(Write, "tasks", task_rows(3), AT)
+    _, attempt = await h.jobs.receive()
+    assert attempt.deadline > trio.current_time() + 20  # write_timeout
+    await h.to_buffer.send(Drain())
+    await trio.sleep(0.1)
+    assert attempt.deadline == pytest.approx(trio.current_time() + 5, abs=0.2)
+    with attempt:  # what the flusher does: it gives up at the deadline...
+        await trio.sleep_forever()
+    await h.to_buffer.send(Failed("gave up"))  # ...and says so
+    with pytest.raises(trio.EndOfChannel):
+        await h.jobs.receive()
+    lines = (tmp_path / "dead.jsonl").read_text().splitlines()
+    assert len(lines) == 3
 
 
 async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):

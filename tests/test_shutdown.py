@@ -1,0 +1,363 @@
+"""Shutdown of the real process (DESIGN.md "shutdown"): SIGTERM or SIGINT → stop accepting,
+finish in-flight requests, write everything out, exit 0. What cannot be written by
+shutdown_timeout goes to <state dir>/dead-letter.jsonl, never dropped silently.
+
+persistd runs as `python -m persistd --config <toml>`; the load comes from concurrent
+client tasks here, each on its own connection."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from functools import partial
+
+import httpx
+import msgspec
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import DATABASE_URL, session, task
+from proxy import tcp_proxy
+
+SESSIONS = "/api/v1/translation/sessions/batch"
+TASKS = "/api/v1/translation/tasks/batch"
+FLUSH = "/api/v1/translation/flush"
+TASK_STATUSES = ("pending", "processing", "completed", "failed")
+START_TIMEOUT_S = 20
+EXIT_MARGIN_S = 3.0  # process teardown and scheduling slack on a loaded 2-core machine
+
+
+# ── a persistd process ───────────────────────────────────────────────────────────────
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml(sections: dict) -> str:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Process:
+    def __init__(self, proc: trio.Process, port: int, cfg: dict, log_path) -> None:
+        self.proc, self.port, self.cfg, self.log_path = proc, port, cfg, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.state_dir = cfg["state"]["dir"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    async def wait_exit(self, timeout: float) -> tuple[int, float]:
+        """(exit code, seconds waited); fails (after killing it) if it outlives `timeout`."""
+        started = trio.current_time()
+        with trio.move_on_after(timeout):
+            code = await self.proc.wait()
+            return code, trio.current_time() - started
+        self.proc.kill()
+        await self.proc.wait()
+        pytest.fail(f"persistd still running {timeout:.1f} s after the signal\n--- log ---\n{self.log()[-4000:]}")
+
+    async def accepts_connections(self) -> bool:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+
+
+@asynccontextmanager
+async def persistd_process(tmp_path, **sections):
+    """`python -m persistd --config <tmp>/persistd.toml` on a free port, healthy."""
+    port = free_port()
+    cfg = {
+        "server": {"port": port, "graceful_timeout": 1.0},
+        "database": {"url": DATABASE_URL, "connect_timeout": 2.0},
+        "buffer": {"flush_interval": 5.0, "shutdown_timeout": 10.0, "retry_max": 0.5},
+        "state": {"dir": str(tmp_path / "state")},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    config_path = tmp_path / "persistd.toml"
+    config_path.write_text(toml(cfg))
+    log_path = tmp_path / "persistd.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
+    with open(log_path, "wb") as log:
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(partial(
+                trio.run_process, [sys.executable, "-m", "persistd", "--config", str(config_path)],
+                check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path)))
+            process = Process(proc, port, cfg, log_path)
+            await wait_healthy(process)
+            yield process
+            nursery.cancel_scope.cancel()  # kills it if a test left it running
+
+
+async def wait_healthy(process: Process) -> None:
+    async with httpx.AsyncClient(base_url=process.url, timeout=2) as client:
+        with trio.move_on_after(START_TIMEOUT_S):
+            while process.proc.returncode is None:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+    pytest.fail(f"persistd did not become healthy (exit code {process.proc.returncode})\n{process.log()[-4000:]}")
+
+
+def encode(key: str, rows: list[dict]) -> bytes:
+    return msgspec.json.encode({key: rows})
+
+
+async def post(client: httpx.AsyncClient, path: str, rows_key: str, rows: list[dict]) -> httpx.Response:
+    return await client.post(path, content=encode(rows_key, rows), headers={"content-type": "application/json"})
+
+
+# ── signals under load ───────────────────────────────────────────────────────────────
+
+
+class Load:
+    """Clients sending distinct 1000-task batches until the daemon goes away, recording
+    every task acknowledged with 202 and the status it was acknowledged with."""
+
+    WORKERS = 4
+    BATCH = 1000
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.acked: dict[str, str] = {}
+        self.batches_acked = 0
+        self.acked_after_signal = 0
+        self.signalled = trio.Event()
+        self.unexpected: list[str] = []
+
+    def batch(self, worker: int, n: int) -> tuple[bytes, list[str], str]:
+        status = TASK_STATUSES[(worker + n) % len(TASK_STATUSES)]
+        ids = [f"w{worker}-b{n:04d}-{i:04d}" for i in range(self.BATCH)]
+        rows = [task(task_id, row_index=i, status=status, batch_id=f"w{worker}-b{n}") for i, task_id in enumerate(ids)]
+        return encode("tasks", rows), ids, status
+
+    async def worker(self, worker: int) -> None:
+        limits = httpx.Limits(max_connections=1)  # one keep-alive connection per worker
+        async with httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits) as client:
+            for n in range(10_000):
+                body, ids, status = self.batch(worker, n)
+                try:
+                    response = await client.post(TASKS, content=body, headers={"content-type": "application/json"})
+                except httpx.TransportError:
+                    if self.signalled.is_set():
+                        return  # the daemon stopped listening or reset the connection: not acknowledged
+                    raise
+                if response.status_code == 202:
+                    self.acked.update(dict.fromkeys(ids, status))
+                    self.batches_acked += 1
+                    self.acked_after_signal += self.signalled.is_set()
+                elif response.status_code == 503 and response.json().get("error_code") == "BUFFER_FULL":
+                    await trio.sleep(0.05)
+                else:
+                    self.unexpected.append(f"{response.status_code} {response.text[:200]}")
+                    return
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_under_load_writes_every_acknowledged_row_and_exits_0(db, tmp_path, signum):
+    """A signal in the middle of a load of task batches: persistd exits 0 within
+    graceful_timeout + shutdown_timeout, and every row acknowledged with 202 (before or
+    during the signal) is in MySQL with the status it was acknowledged with."""
+    # flush_rows above what the load sends before the signal: the acknowledged rows are
+    # still in memory when it comes, so the final flush is what has to write them.
+    async with persistd_process(tmp_path, buffer={"max_rows": 30_000, "flush_rows": 50_000}) as process:
+        async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+            assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+            load = Load(process.url)
+            async with trio.open_nursery() as nursery:
+                for worker in range(Load.WORKERS):
+                    nursery.start_soon(load.worker, worker)
+                with trio.fail_after(20):
+                    while load.batches_acked < 12:
+                        await trio.sleep(0.01)
+                buffered = (await client.get("/health")).json()["buffer"]["tasks_count"]
+                acked_before = load.batches_acked
+                process.signal(signum)
+                load.signalled.set()
+                bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
+                code, elapsed = await process.wait_exit(bound)
+        print(f"{signal.Signals(signum).name}: {acked_before} batches acked before the signal "
+              f"({buffered} tasks buffered), {load.acked_after_signal} during it; exit {code} in {elapsed:.2f} s")
+        assert buffered >= 1000, "nothing was waiting in the buffer when the signal came"
+
+        assert not load.unexpected, load.unexpected
+        assert code == 0, process.log()[-4000:]
+        stored = dict(await db.query("SELECT task_id, status FROM translation_tasks"))
+        missing = [task_id for task_id in load.acked if task_id not in stored]
+        assert not missing, f"{len(missing)} acknowledged rows are not in MySQL, e.g. {missing[:5]}"
+        wrong = {task_id: (status, stored[task_id]) for task_id, status in load.acked.items() if stored[task_id] != status}
+        assert not wrong, f"{len(wrong)} rows with another status than acknowledged, e.g. {list(wrong.items())[:5]}"
+        assert await db.query("SELECT session_id FROM translation_sessions") == ((session()["session_id"],),)
+        assert not (tmp_path / "state" / "dead-letter.jsonl").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_stops_accepting_new_connections(db, tmp_path, signum):
+    """After the signal the port refuses new connections at once, while persistd is still
+    busy writing out its buffer (here: to a database that is slow to come back)."""
+    async with tcp_proxy() as proxy:
+        async with persistd_process(tmp_path, database={"url": proxy.url()},
+                                    buffer={"shutdown_timeout": 5.0}) as process:
+            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                assert (await client.post(FLUSH)).status_code == 200
+                assert (await post(client, TASKS, "tasks", [task("after-flush")])).status_code == 202
+            await proxy.cut()  # the final flush now keeps persistd busy
+            assert await process.accepts_connections()
+            process.signal(signum)
+            with trio.fail_after(1.0):
+                while await process.accepts_connections():
+                    await trio.sleep(0.02)
+            assert process.proc.returncode is None, "persistd exited before it could write its buffer"
+            await proxy.restore()
+            code, _ = await process.wait_exit(process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S)
+            assert code == 0
+            assert await db.query("SELECT task_id FROM translation_tasks") == (("after-flush",),)
+
+
+# ── shutdown while the database is away ──────────────────────────────────────────────
+
+
+def dead_letters(state_dir) -> list[dict]:
+    path = os.path.join(state_dir, "dead-letter.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+async def test_sigterm_while_database_unreachable_dead_letters_the_buffer(db, tmp_path):
+    """SIGTERM while the database is unreachable: persistd exits 0 within shutdown_timeout
+    (plus the grace for requests), and every buffered row it could not write is in
+    <state dir>/dead-letter.jsonl with its reason, table and row."""
+    async with tcp_proxy() as proxy:
+        async with persistd_process(tmp_path, database={"url": proxy.url()},
+                                    buffer={"shutdown_timeout": 3.0}) as process:
+            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                assert (await post(client, TASKS, "tasks", [task("written")])).status_code == 202
+                assert (await client.post(FLUSH)).status_code == 200  # a first successful flush
+                late_tasks = [task(f"late-{i:03d}", row_index=i, status="completed") for i in range(100)]
+                assert (await post(client, TASKS, "tasks", late_tasks)).status_code == 202
+                assert (await post(client, SESSIONS, "sessions", [session(status="completed")])).status_code == 202
+            await proxy.cut()
+            process.signal(signal.SIGTERM)
+            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
+            code, elapsed = await process.wait_exit(bound)
+            assert code == 0, process.log()[-4000:]
+
+    records = dead_letters(process.state_dir)
+    for record in records:
+        assert {"reason", "table", "row"} <= record.keys()
+        assert isinstance(record["reason"], str) and record["reason"]
+    by_key = {(r["table"], r["row"].get("task_id") or r["row"]["session_id"]): r for r in records}
+    assert len(by_key) == len(records), "a row is in the dead-letter file twice"
+    expected = {("translation_tasks", t["task_id"]) for t in late_tasks} | {("translation_sessions", session()["session_id"])}
+    assert by_key.keys() == expected
+    assert by_key[("translation_sessions", session()["session_id"])]["row"]["status"] == "completed"
+    assert all(by_key[("translation_tasks", t["task_id"])]["row"]["status"] == "completed" for t in late_tasks)
+    # What was written before stays; nothing of the rest reached MySQL.
+    assert await db.query("SELECT task_id FROM translation_tasks") == (("written",),)
+    assert await db.query("SELECT status FROM translation_sessions") == (("processing",),)
+
+
+async def flush_errors(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/api/v1/system/metrics")).text
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "persistence_flush_errors_total")
+
+
+async def test_dead_letter_file_ends_with_the_state_accepted_last(db, tmp_path):
+    """When a row has several unwritten states at shutdown (one in a failed flush that is
+    being retried, a newer one accepted after it), the dead-letter file lists them in the
+    order they were accepted: replaying it line by line ends with the state accepted last."""
+    async with tcp_proxy() as proxy:
+        async with persistd_process(tmp_path, database={"url": proxy.url()},
+                                    buffer={"flush_interval": 0.2, "shutdown_timeout": 1.5}) as process:
+            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                assert (await client.post(FLUSH)).status_code == 200
+                await proxy.cut()
+                older = {"sessions": [session(status="processing", completed_tasks=1)],
+                         "tasks": [task("t1", status="processing")]}
+                newer = {"sessions": [session(status="completed", completed_tasks=2)],
+                         "tasks": [task("t1", status="completed")]}
+                for key, rows in older.items():
+                    assert (await post(client, f"/api/v1/translation/{key}/batch", key, rows)).status_code == 202
+                with trio.fail_after(5):
+                    while await flush_errors(client) < 1:  # the older states are now in a failed flush
+                        await trio.sleep(0.05)
+                for key, rows in newer.items():
+                    assert (await post(client, f"/api/v1/translation/{key}/batch", key, rows)).status_code == 202
+            process.signal(signal.SIGTERM)
+            code, _ = await process.wait_exit(process.cfg["server"]["graceful_timeout"]
+                                              + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S)
+            assert code == 0, process.log()[-4000:]
+
+    last_state: dict[tuple[str, str], dict] = {}
+    for record in dead_letters(process.state_dir):  # a replay: later lines win
+        row = record["row"]
+        last_state[(record["table"], row.get("task_id") or row["session_id"])] = row
+    assert last_state.keys() == {("translation_sessions", session()["session_id"]), ("translation_tasks", "t1")}
+    assert last_state[("translation_tasks", "t1")]["status"] == "completed"
+    replayed = last_state[("translation_sessions", session()["session_id"])]
+    assert (replayed["status"], replayed["completed_tasks"]) == ("completed", 2)
+
+
+async def test_sigterm_while_database_stops_answering_exits_within_shutdown_timeout(db, tmp_path):
+    """SIGTERM while the database accepts nothing and answers nothing (a partition, not a
+    refusal): the final write gives up at shutdown_timeout, persistd exits 0, and the rows
+    it held are in the dead-letter file."""
+    async with tcp_proxy() as proxy:
+        async with persistd_process(tmp_path, database={"url": proxy.url()},
+                                    buffer={"shutdown_timeout": 2.0}) as process:
+            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                assert (await client.post(FLUSH)).status_code == 200
+                assert (await post(client, TASKS, "tasks", [task("unanswered")])).status_code == 202
+            proxy.stall()
+            process.signal(signal.SIGTERM)
+            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
+            code, elapsed = await process.wait_exit(bound)
+            assert code == 0, process.log()[-4000:]
+            await proxy.cut()
+    assert [(r["table"], r["row"]["task_id"]) for r in dead_letters(process.state_dir)] == [("translation_tasks", "unanswered")]
+
+
+async def test_sigterm_during_a_hung_flush_exits_within_shutdown_timeout(db, tmp_path):
+    """SIGTERM while a flush that started before the signal hangs on a database that
+    stopped answering: the final write is bounded by shutdown_timeout, not by the longer
+    write_timeout of that flush, and the rows go to the dead-letter file."""
+    async with tcp_proxy() as proxy:
+        async with persistd_process(tmp_path, database={"url": proxy.url(), "write_timeout": 30.0},
+                                    buffer={"flush_interval": 0.2, "shutdown_timeout": 2.0}) as process:
+            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                assert (await client.post(FLUSH)).status_code == 200
+                proxy.stall()
+                assert (await post(client, TASKS, "tasks", [task("stuck")])).status_code == 202
+                await trio.sleep(1.0)  # the flusher is now waiting for an answer that never comes
+            process.signal(signal.SIGTERM)
+            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
+            code, elapsed = await process.wait_exit(bound)
+            assert code == 0, process.log()[-4000:]
+            await proxy.cut()
+    assert [(r["table"], r["row"]["task_id"]) for r in dead_letters(process.state_dir)] == [("translation_tasks", "stuck")]
