@@ -2,15 +2,22 @@
 routes, and what the daemon does while the database is away (DESIGN.md "database down",
 "flush"). Outages are made with a TCP proxy between persistd and MySQL (tests/proxy.py)."""
 
+import os
 import re
+import subprocess
+import sys
+import tomllib
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_config, running, session, task
+from persistd.daemon import load_config, parse_database_url
 from proxy import tcp_proxy
 
 SESSIONS = "/api/v1/translation/sessions/batch"
@@ -400,3 +407,53 @@ async def test_wrong_method_names_the_allowed_methods(daemon):
     assert response.status_code == 405
     allowed = {m.strip() for m in response.headers.get("allow", "").split(",") if m.strip()}
     assert "POST" in allowed, dict(response.headers)
+
+
+# ── configuration ────────────────────────────────────────────────────────────────────
+
+
+def test_config_defaults_without_a_file():
+    cfg = load_config(None, {})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8001)
+    assert cfg.buffer.flush_interval <= 5 and cfg.buffer.flush_rows == 1000
+
+
+def test_example_config_documents_every_key_with_its_default(tmp_path):
+    """persistd.toml lists every key; its values are the built-in defaults (but [state] dir)."""
+    path = Path(__file__).parent.parent / "persistd.toml"
+    example = load_config(str(path), {})
+    defaults = msgspec.to_builtins(load_config(None, {}))
+    raw = tomllib.loads(path.read_text())
+    assert {name: set(keys) for name, keys in raw.items()} == {name: set(keys) for name, keys in defaults.items()}
+    shown = msgspec.to_builtins(example)
+    shown["state"]["dir"] = defaults["state"]["dir"]
+    assert shown == defaults
+
+
+def test_environment_overrides_database_url_and_port(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[server]\nport = 9000\n[database]\nurl = "mysql://a@h:1/x"\n')
+    cfg = load_config(str(path), {"PERSISTD_PORT": "9100", "PERSISTD_DATABASE_URL": "mysql://u:p%40ss@db:3307/name"})
+    assert cfg.server.port == 9100
+    assert parse_database_url(cfg.database.url) == {
+        "host": "db", "port": 3307, "user": "u", "password": "p@ss", "database": "name"}
+
+
+@pytest.mark.parametrize(("text", "env"), [
+    ("[server]\nprot = 1\n", {}),
+    ("[buffer]\nflush_interval = 31\n", {}),
+    ("[buffer]\nflush_rows = 0\n", {}),
+    ("[database]\nurl = \"postgres://x@h/db\"\n", {}),
+    ("[database]\nurl = \"mysql://h:99999/db\"\n", {}),
+    ("[server\n", {}),
+    ("", {"PERSISTD_PORT": "http"}),
+    ("", {"PERSISTD_PORT": "70000"}),
+])
+def test_invalid_config_is_one_line_and_exit_2(tmp_path, text, env):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
+    proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(path)], env={**clean, **env},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("persistd: ")
