@@ -16,7 +16,7 @@ import trio.testing
 
 from conftest import SESSION_ID, make_config, running, session, task
 from persistd.daemon import (
-    RETRY_BASE_S, TASKS, Buffer, BufferConfig, DeadLetters, Entry, Drain, Failed, Flush, FlushWaiter,
+    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, TASKS, Buffer, BufferConfig, DeadLetters, Entry, Drain, Failed, Flush, FlushWaiter,
     Metrics, SessionIn, TaskIn, Write, Written, buffer_actor, upsert,
 )
 
@@ -550,3 +550,31 @@ async def test_every_character_is_stored_as_sent(daemon, db):
     assert rows == ((nasty, nasty, nasty, nasty, nasty[:50]),)
     (game_info,), = await db.query("SELECT game_info FROM translation_sessions")
     assert json.loads(game_info) == {"name": nasty, nasty: [nasty]}
+
+
+def test_a_flush_takes_at_most_snapshot_max_rows_tasks_and_flush_waits_for_all():
+    buf = Buffer(BufferConfig(max_rows=100_000))
+    rows = [msgspec.convert(task(f"t{i}"), TaskIn) for i in range(2 * SNAPSHOT_MAX_ROWS + 500)]
+    for start in range(0, len(rows), 1000):
+        buf.write("tasks", rows[start:start + 1000], AT, 0.0)
+    waiter = FlushWaiter(trio.open_memory_channel(1)[0])
+    assert buf.request_flush(waiter)
+    sizes, answered = [], []
+    while (snapshot := buf.take_snapshot(0.0)) is not None:
+        sizes.append(len(snapshot.tasks))
+        answered.append([value for _, value in buf.written(0, len(snapshot.tasks), [], 0.0)])
+    assert sizes == [SNAPSHOT_MAX_ROWS, SNAPSHOT_MAX_ROWS, 500]
+    assert answered == [[], [], [waiter]]  # /flush is answered when the last part is written
+    assert waiter.tasks_written == len(rows)
+
+
+async def test_batches_are_refused_with_503_and_retry_after_when_the_buffer_is_full(db, tmp_path):
+    async with running(make_config(tmp_path, buffer={"max_rows": 1000, "flush_interval": 30})) as d:
+        assert (await d.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(600)]})).status_code == 202
+        r = await d.post(TASKS_URL, {"tasks": [task(f"u{i}") for i in range(401)]})
+        assert r.status_code == 503
+        assert r.headers["Retry-After"] == "30"
+        assert r.json()["error_code"] == "BUFFER_FULL"
+        assert (await d.post(TASKS_URL, {"tasks": [task(f"u{i}") for i in range(400)]})).status_code == 202
+        health = (await d.get("/health")).json()
+        assert health["buffer"]["tasks_count"] == 1000 and health["buffer"]["usage_percent"] == 100.0
