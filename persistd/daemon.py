@@ -78,8 +78,6 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "sql" / "schema.sql"
 
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
-FORMAT_SLICE_ROWS = 50  # rows escaped between checkpoints: ~0.5 ms of event-loop time (~10 µs a row)
-GROUP_SLICE_ROWS = 500  # rows sorted by shape between checkpoints: ~0.5 ms
 SNAPSHOT_MAX_ROWS = 5000  # tasks per flush: bounds the transaction and the event-loop time of one job
 STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
@@ -1078,33 +1076,38 @@ def group_by_shape(table: Table, entries: typing.Iterable[Entry]) -> dict[tuple[
     return groups
 
 
-async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> None:
-    """Multi-row INSERT ... ON DUPLICATE KEY UPDATE, at most STATEMENT_MAX_ROWS rows and
-    STATEMENT_MAX_BYTES each. This is pure Python on the event loop (~10 µs a row), so it
-    checkpoints every FORMAT_SLICE_ROWS rows to keep request latency low."""
-    groups: dict[tuple[str, ...], list[Entry]] = {}
-    for i in range(0, len(entries), GROUP_SLICE_ROWS):
-        for shape, part in group_by_shape(table, entries[i:i + GROUP_SLICE_ROWS]).items():
-            groups.setdefault(shape, []).extend(part)
-        await trio.sleep(0)
-    for shape, group in groups.items():
+def upsert_statements(table: Table, entries: list[Entry]) -> list[str]:
+    """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
+    STATEMENT_MAX_ROWS rows and STATEMENT_MAX_BYTES each."""
+    statements = []
+    for shape, group in group_by_shape(table, entries).items():
         columns = table.required + shape
         head, tail = statement_frame(table, columns)
         values_of = operator.attrgetter(*columns)
         values: list[str] = []
         size = 0
-        for n, entry in enumerate(group, 1):
+        for entry in group:
             literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
                 sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
             if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > STATEMENT_MAX_BYTES:
-                await conn.query(head + ",".join(values) + tail)
+                statements.append(head + ",".join(values) + tail)
                 values, size = [], 0
             values.append(literal)
             size += len(literal) + 1
-            if n % FORMAT_SLICE_ROWS == 0:
-                await trio.sleep(0)
         if values:
-            await conn.query(head + ",".join(values) + tail)
+            statements.append(head + ",".join(values) + tail)
+    return statements
+
+
+async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> None:
+    """Building the statements is pure Python, ~10 µs a row. It runs in a worker thread:
+    on the event loop, request handlers (each decoding a body in one go) would starve it
+    under load, and it would hold up their answers. The GIL hands over every
+    `sys.getswitchinterval()`, so both keep moving. The buffer does not touch a snapshot's
+    rows while the flusher has it."""
+    if entries:
+        for statement in await trio.to_thread.run_sync(upsert_statements, table, entries):
+            await conn.query(statement)
 
 
 async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> tuple[int, int, list[Entry]]:
@@ -1956,5 +1959,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     prometheus_client.disable_created_metrics()
     gc.freeze()  # the modules' objects never die: keep them out of every collection's scan
+    sys.setswitchinterval(0.001)  # the flusher's worker thread yields the GIL to the loop within 1 ms
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     trio.run(serve_until_signalled, cfg)
