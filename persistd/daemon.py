@@ -1961,4 +1961,8 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()  # the modules' objects never die: keep them out of every collection's scan
     sys.setswitchinterval(0.001)  # the flusher's worker thread yields the GIL to the loop within 1 ms
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    trio.run(serve_until_signalled, cfg)
+    try:
+        trio.run(serve_until_signalled, cfg)
+    except* OSError as group:  # e.g. the port is taken, the state dir cannot be created
+        print(f"persistd: {group.exceptions[0]}", file=sys.stderr)
+        sys.exit(1)

@@ -4,6 +4,7 @@ routes, and what the daemon does while the database is away (DESIGN.md "database
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import tomllib
@@ -457,3 +458,18 @@ def test_invalid_config_is_one_line_and_exit_2(tmp_path, text, env):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("persistd: ")
+
+
+def test_a_port_in_use_is_a_one_line_error_and_exit_1(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "p.toml"
+        path.write_text(f'[server]\nport = {port}\n[state]\ndir = "{tmp_path / "state"}"\n')
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
+        proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(path)], env=clean,
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("persistd: ") and "Traceback" not in proc.stderr
