@@ -300,7 +300,7 @@ class Health(Struct):
 
 
 Days = Annotated[int, Meta(ge=0, le=36500)]
-PageNumber = Annotated[int, Meta(ge=1)]
+PageNumber = Annotated[int, Meta(ge=1, le=10_000_000)]  # keeps OFFSET a number MySQL parses
 PageSize = Annotated[int, Meta(ge=1, le=100)]
 
 
@@ -682,7 +682,10 @@ def total_pages(total: int, page_size: int) -> int:
 
 def as_utc(value: datetime) -> datetime:
     """A query parameter as the naive UTC time the TIMESTAMP columns compare with."""
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).replace(tzinfo=None)
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before the first representable time
+        return datetime.min if value.year == 1 else datetime.max
 
 
 # ── metrics ──────────────────────────────────────────────────────────────────────────
@@ -797,7 +800,7 @@ class Buffer:
         self.last_flush: datetime | None = None
         self.last_error: str | None = None
         self.waiters: list[FlushWaiter] = []
-        self.after_in_flight: list[tuple[trio.MemorySendChannel, Any]] = []  # answered once it is written
+        self.forgetting: list[tuple[trio.MemorySendChannel, str, bool, list[str]]] = []  # DELETEs waiting for in_flight
 
     # size
     def held_count(self) -> int:
@@ -885,9 +888,12 @@ class Buffer:
         self.durable_seq = snapshot.seq
         self.failures, self.retry_at, self.last_error = 0, math.inf, None
         self.last_flush = utc_now()
+        forgotten = {f[1]: f[3] for f in self.forgetting}
         for entry in held:
             session_id = entry.row.session_id
-            if session_id in self.sessions:
+            if session_id in forgotten:
+                forgotten[session_id].append(entry.row.task_id)
+            elif session_id in self.sessions:
                 put(self.tasks, entry.row.task_id, entry)
             else:
                 entry.held_since = entry.held_since or now
@@ -895,7 +901,8 @@ class Buffer:
         for waiter in self.waiters:
             waiter.sessions_written += sessions
             waiter.tasks_written += tasks
-        due, self.after_in_flight = self.after_in_flight, []
+        due = [(reply, (had_session, dropped)) for reply, _, had_session, dropped in self.forgetting]
+        self.forgetting = []
         return due + [(waiter.reply, waiter) for waiter in self._settle()]
 
     def failed(self, error: str, now: float) -> float:
@@ -933,17 +940,22 @@ class Buffer:
             found.extend(group.get(row_id) for group in self.held.values())
         return sorted((e for e in found if e is not None), key=operator.attrgetter("seq"))
 
-    def forget(self, session_id: str) -> tuple[bool, list[str]]:
+    def forget(self, session_id: str, reply: trio.MemorySendChannel) -> list[tuple[trio.MemorySendChannel, Any]]:
         """Drop a deleted session's pending and held rows, so no later flush brings it back.
-        Returns whether its session row was buffered and the ids of the tasks dropped."""
+        The answer, (whether its session row was buffered, ids of the tasks dropped), is
+        due once no snapshot with its older rows is in flight: the database delete that
+        follows cannot be overtaken by them, and tasks of it that come back from that
+        snapshot held are dropped too."""
         had_session = self.sessions.pop(session_id, None) is not None
         dropped = [k for k, e in self.tasks.items() if e.row.session_id == session_id]
         for task_id in dropped:
             del self.tasks[task_id]
         dropped.extend(self.held.pop(session_id, {}))
-        if self.in_flight is not None:
-            had_session = had_session or session_id in self.in_flight.sessions
-        return had_session, dropped
+        if self.in_flight is None:
+            return [(reply, (had_session, dropped))]
+        had_session = had_session or session_id in self.in_flight.sessions
+        self.forgetting.append((reply, session_id, had_session, dropped))
+        return []
 
     def idle(self) -> bool:
         """Nothing left that the flusher could write."""
@@ -965,6 +977,8 @@ class Buffer:
     def next_wakeup(self) -> float:
         if self.in_flight is not None:
             return self.retry_at if not self.flusher_busy else math.inf
+        if not (self.sessions or self.tasks):
+            return math.inf
         return self.first_pending_at + self.cfg.flush_interval
 
 
@@ -993,6 +1007,9 @@ class DeadLetters:
 # Everything that speaks SQL is here, so that a second dialect is a change to this part.
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
+# What a read answers 503 for; any other database error is a bug of ours and a 500.
+DB_UNAVAILABLE = (trio_mysql.OperationalError, trio_mysql.InterfaceError, OSError, trio.TooSlowError,
+                  trio.BrokenResourceError)
 
 
 def _force_close(conn: trio_mysql.Connection) -> None:
@@ -1619,10 +1636,10 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
                 try:
                     async with db.connection() as conn:
                         return await fn(conn, *args)
-                except DB_ERRORS:  # a pooled connection may have died with an outage; reads are idempotent
+                except DB_UNAVAILABLE:  # a pooled connection may have died with an outage; reads are idempotent
                     async with db.connection() as conn:
                         return await fn(conn, *args)
-        except (*DB_ERRORS, trio.TooSlowError) as exc:
+        except DB_UNAVAILABLE as exc:
             log.warning("read failed: %s: %s", type(exc).__name__, exc)
             raise ApiError(503, "DATABASE_UNAVAILABLE", "The database did not answer; retry later") from None
 
@@ -1721,6 +1738,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     async def sessions_cleanup() -> Response:
         body = await request.get_data(cache=False)
         q = decode_body(CleanupIn, body) if body.strip() else CleanupIn()
+        await write_out()  # a session's latest update may still be buffered: it is not expired
         cutoffs = cleanup_cutoffs(utc_now(), q.completed_days, q.failed_days)
         sessions, tasks = await read(cleanup, cutoffs, q.dry_run, timeout=math.inf)
         return json_response(200, CleanupOut("completed", sessions, tasks, q.dry_run))
@@ -1821,13 +1839,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         answer(reply, [msgspec.structs.replace(e, row=msgspec.structs.replace(e.row))
                                        for e in buf.lookup(key, row_id)])
                     case Forget(session_id, reply):
-                        # Answered once no snapshot with its older rows is in flight: the
-                        # database delete that follows cannot be overtaken by them.
-                        forgotten = buf.forget(session_id)
-                        if buf.in_flight is None:
-                            answer(reply, forgotten)
-                        else:
-                            buf.after_in_flight.append((reply, forgotten))
+                        for reply, value in buf.forget(session_id, reply):
+                            answer(reply, value)
                     case Failed(error):
                         delay = buf.failed(error, now)
                         log.warning("flush failed, retrying in %.1f s: %s", delay, error)
@@ -1892,22 +1905,44 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
         conn.close()
 
 
-async def janitor_actor(cfg: Config, db: Database, stop: trio.Event) -> None:
+async def janitor_actor(cfg: Config, db: Database, to_buffer: trio.MemorySendChannel, stop: trio.Event) -> None:
     """Runs the retention cleanup of POST /sessions/cleanup every `[janitor] interval`
-    seconds until `stop`; a run in progress stops after its current chunk."""
-    if not cfg.janitor.interval:
-        return
-    while True:
-        with trio.move_on_after(cfg.janitor.interval):
-            await stop.wait()
-            return
-        cutoffs = cleanup_cutoffs(utc_now(), cfg.janitor.completed_days, cfg.janitor.failed_days)
-        try:
-            async with db.connection() as conn:
-                sessions, tasks = await cleanup(conn, cutoffs, False, stop)
-            log.info("cleanup: %d sessions and %d tasks deleted", sessions, tasks)
-        except DB_ERRORS as exc:
-            log.warning("cleanup failed, next run in %g s: %s: %s", cfg.janitor.interval, type(exc).__name__, exc)
+    seconds until `stop`; a run in progress stops after its current chunk. Like the
+    endpoint, it first has the buffer write out: a session's latest update may be there."""
+    async with to_buffer:
+        while cfg.janitor.interval:
+            with trio.move_on_after(cfg.janitor.interval):
+                await stop.wait()
+                return
+            if not await janitor_flush(cfg, to_buffer):
+                log.warning("cleanup skipped: the buffer could not be written out; next run in %g s",
+                            cfg.janitor.interval)
+                continue
+            await janitor_run(cfg, db, stop)
+
+
+async def janitor_flush(cfg: Config, to_buffer: trio.MemorySendChannel) -> bool:
+    """Whether the buffer wrote out everything accepted so far within flush_timeout."""
+    reply, replies = trio.open_memory_channel(1)
+    async with replies:
+        with trio.move_on_after(cfg.buffer.flush_timeout):
+            try:
+                await to_buffer.send(Flush(FlushWaiter(reply)))
+            except trio.BrokenResourceError:  # the buffer has finished: we are shutting down
+                return False
+            await replies.receive()
+            return True
+    return False
+
+
+async def janitor_run(cfg: Config, db: Database, stop: trio.Event) -> None:
+    cutoffs = cleanup_cutoffs(utc_now(), cfg.janitor.completed_days, cfg.janitor.failed_days)
+    try:
+        async with db.connection() as conn:
+            sessions, tasks = await cleanup(conn, cutoffs, False, stop)
+        log.info("cleanup: %d sessions and %d tasks deleted", sessions, tasks)
+    except DB_ERRORS as exc:
+        log.warning("cleanup failed, next run in %g s: %s: %s", cfg.janitor.interval, type(exc).__name__, exc)
 
 
 # ── run() and the command line ───────────────────────────────────────────────────────
@@ -1927,7 +1962,7 @@ async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flusher_actor, db, flusher_inbox, to_buffer.clone(), metrics)
             nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, dead_letters)
-            nursery.start_soon(janitor_actor, cfg, db, stop)
+            nursery.start_soon(janitor_actor, cfg, db, to_buffer.clone(), stop)
             port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
             task_status.started(port)
     finally:

@@ -1,0 +1,465 @@
+"""Management: spec §6 (delete, cleanup, stats) and the janitor actor.
+
+Old rows are inserted straight into MariaDB with their updated_at in the past (TIMESTAMP
+columns, UTC); rows still in the buffer are sent over HTTP to a daemon that flushes only
+every 30 s. How DELETE meets a flush in flight is shown on the buffer actor alone, under
+trio's autojump clock.
+"""
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import msgspec
+import pytest
+import trio
+
+from conftest import SESSION_ID, make_config, running, session, task
+from persistd.daemon import (
+    DELETE_CHUNK_ROWS, DeadLetters, Forget, Metrics, SessionIn, Status, TaskIn, Write, Written, buffer_actor,
+)
+
+SESSIONS = "/api/v1/translation/sessions"
+TASKS = "/api/v1/translation/tasks"
+CLEANUP = "/api/v1/translation/sessions/cleanup"
+STATS = "/api/v1/translation/stats"
+SESSIONS_BATCH = "/api/v1/translation/sessions/batch"
+TASKS_BATCH = "/api/v1/translation/tasks/batch"
+BASE = datetime(2025, 9, 30, 10, 0, 0)  # naive UTC
+
+
+def ago(days: float) -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0) - timedelta(days=days)
+
+
+def srow(session_id, status="processing", created_at=BASE, updated_at=None, **fields):
+    return {"session_id": session_id, "filename": f"{session_id}.xlsx", "file_path": f"/uploads/{session_id}.xlsx",
+            "status": status, "llm_provider": "openai", "created_at": created_at,
+            "updated_at": updated_at or created_at, **fields}
+
+
+def trow(task_id, session_id=SESSION_ID, status="pending", **fields):
+    return {"task_id": task_id, "session_id": session_id, "batch_id": "batch_001", "sheet_name": "Dialogue",
+            "row_index": 0, "column_name": "Text", "source_text": "Hello", "status": status,
+            "duration_ms": None, **fields}
+
+
+async def insert(db, table, rows, chunk=1000):
+    columns = list(rows[0])
+    for i in range(0, len(rows), chunk):
+        part = rows[i:i + chunk]
+        values = ",".join(["(" + ",".join(["%s"] * len(columns)) + ")"] * len(part))
+        await db.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}",
+                       *[row[c] for row in part for c in columns])
+
+
+async def session_ids(db) -> set[str]:
+    return {sid for (sid,) in await db.query("SELECT session_id FROM translation_sessions")}
+
+
+async def task_count(db, session_id=None) -> int:
+    if session_id is None:
+        ((n,),) = await db.query("SELECT COUNT(*) FROM translation_tasks")
+    else:
+        ((n,),) = await db.query("SELECT COUNT(*) FROM translation_tasks WHERE session_id = %s", session_id)
+    return n
+
+
+@pytest.fixture
+async def slow_daemon(db, tmp_path):
+    """A daemon whose buffer is written only when asked (or after 30 s)."""
+    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as d:
+        yield d
+
+
+# ── §6.1 DELETE ──────────────────────────────────────────────────────────────────────
+
+
+async def test_delete_cascades_to_the_tasks_and_reports_how_many(daemon, db):
+    """DELETE answers {"status":"deleted","session_id","deleted_tasks"}; the session and its
+    tasks are gone from MySQL, other sessions are untouched, and the reads say 404."""
+    await daemon.post(SESSIONS_BATCH, {"sessions": [session(), session("other")]})
+    await daemon.post(TASKS_BATCH, {"tasks": [task(f"t{i}") for i in range(5)] + [task("o1", session_id="other")]})
+    await daemon.flush()
+    r = await daemon.client.delete(f"{SESSIONS}/{SESSION_ID}")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": 5}
+    assert await session_ids(db) == {"other"}
+    assert (await task_count(db, SESSION_ID), await task_count(db, "other")) == (0, 1)
+    for path in (f"{SESSIONS}/{SESSION_ID}", f"{SESSIONS}/{SESSION_ID}/tasks", f"{TASKS}/t0"):
+        assert (await daemon.get(path)).status_code == 404, path
+    again = await daemon.client.delete(f"{SESSIONS}/{SESSION_ID}")
+    assert again.status_code == 404
+
+
+async def test_delete_of_an_unknown_session_is_404(daemon, db):
+    """DELETE of an id never accepted is 404 with the id in the body, and deletes nothing."""
+    await insert(db, "translation_sessions", [srow(SESSION_ID)])
+    r = await daemon.client.delete(f"{SESSIONS}/nope")
+    assert r.status_code == 404
+    assert r.json() == {"detail": "Session not found", "session_id": "nope", "error_code": "NOT_FOUND",
+                        "errors": []}
+    assert await session_ids(db) == {SESSION_ID}
+
+
+async def test_delete_removes_more_tasks_than_one_chunk(daemon, db):
+    """A session with more tasks than one DELETE chunk (5,000) loses every one of them."""
+    n = DELETE_CHUNK_ROWS + 1001
+    await insert(db, "translation_sessions", [srow(SESSION_ID), srow("other")])
+    await insert(db, "translation_tasks", [trow(f"t{i:05}") for i in range(n)] + [trow("o1", session_id="other")])
+    r = await daemon.client.delete(f"{SESSIONS}/{SESSION_ID}")
+    assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": n}
+    assert (await task_count(db), await session_ids(db)) == (1, {"other"})
+
+
+async def test_delete_drops_buffered_rows_so_a_later_flush_cannot_bring_them_back(slow_daemon, db):
+    """A session and tasks accepted but not written are dropped by DELETE, counted, and
+    the next flush writes none of them."""
+    d = slow_daemon
+    await d.post(SESSIONS_BATCH, {"sessions": [session(), session("other")]})
+    await d.post(TASKS_BATCH, {"tasks": [task(f"t{i}") for i in range(3)] + [task("o1", session_id="other")]})
+    r = await d.client.delete(f"{SESSIONS}/{SESSION_ID}")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": 3}
+    flushed = await d.flush()
+    assert (flushed["sessions_written"], flushed["tasks_written"], flushed["tasks_waiting_for_session"]) == (1, 1, 0)
+    assert await session_ids(db) == {"other"}
+    assert (await task_count(db, SESSION_ID), await task_count(db, "other")) == (0, 1)
+    for path in (f"{SESSIONS}/{SESSION_ID}", f"{TASKS}/t0"):
+        assert (await d.get(path)).status_code == 404, path
+
+
+async def test_delete_counts_stored_tasks_and_buffered_ones_never_written_once_each(slow_daemon, db):
+    """deleted_tasks = stored tasks + buffered tasks that never reached MySQL; a buffered
+    update of a stored task is counted once. Nothing comes back at the next flush."""
+    d = slow_daemon
+    await d.post(SESSIONS_BATCH, {"sessions": [session()]})
+    await d.post(TASKS_BATCH, {"tasks": [task(f"t{i}") for i in range(4)]})
+    await d.flush()
+    await d.post(SESSIONS_BATCH, {"sessions": [session(status="completed")]})
+    await d.post(TASKS_BATCH, {"tasks": [task("t0", status="completed"), task("t4"), task("t5")]})
+    r = await d.client.delete(f"{SESSIONS}/{SESSION_ID}")
+    assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": 6}
+    await d.flush()
+    assert (await session_ids(db), await task_count(db)) == (set(), 0)
+
+
+async def test_delete_drops_tasks_held_for_a_session_that_never_arrived(slow_daemon, db):
+    """Tasks held for their session are dropped by DELETE of that id and counted; when a
+    session of that id arrives later, they do not come back with it."""
+    d = slow_daemon
+    await d.post(TASKS_BATCH, {"tasks": [task(f"t{i}", session_id="late") for i in range(5)]})
+    assert (await d.flush())["tasks_waiting_for_session"] == 5
+    r = await d.client.delete(f"{SESSIONS}/late")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "deleted", "session_id": "late", "deleted_tasks": 5}
+    assert (await d.flush())["tasks_waiting_for_session"] == 0
+    await d.post(SESSIONS_BATCH, {"sessions": [session("late")]})
+    await d.flush()
+    assert (await session_ids(db), await task_count(db)) == ({"late"}, 0)
+    assert (await d.get(f"{TASKS}/t0")).status_code == 404
+
+
+# DELETE meeting a flush in flight, on the buffer actor alone: we play http and flusher.
+
+AT = datetime(2025, 9, 30, 10, 0, tzinfo=timezone.utc)
+
+
+class BufferAlone:
+    def __init__(self, tmp_path):
+        self.cfg = make_config(tmp_path, buffer={"flush_interval": 2})
+        self.to_buffer, self.inbox = trio.open_memory_channel(64)
+        self.to_flusher, self.jobs = trio.open_memory_channel(1)
+        self.dead_letters = DeadLetters(tmp_path / "dead.jsonl", Metrics())
+
+    async def ask(self, message_type, *args):
+        reply, replies = trio.open_memory_channel(1)
+        await self.to_buffer.send(message_type(*args, reply))
+        return await replies.receive()
+
+    async def write(self, key, rows):
+        row_type = SessionIn if key == "sessions" else TaskIn
+        assert await self.ask(Write, key, [msgspec.convert(r, row_type) for r in rows], AT)
+
+
+@pytest.fixture
+async def alone(tmp_path, nursery):
+    b = BufferAlone(tmp_path)
+    nursery.start_soon(buffer_actor, b.cfg, b.inbox, b.to_flusher, b.dead_letters)
+    return b
+
+
+async def test_delete_waits_for_the_flush_in_flight_before_it_is_answered(alone, autojump_clock):
+    """Forget (DELETE) is answered only once the snapshot in flight is written, so the
+    database delete that follows cannot be overtaken by it."""
+    await alone.write("sessions", [session()])
+    await alone.write("tasks", [task("t0")])
+    in_flight, _ = await alone.jobs.receive()
+    reply, replies = trio.open_memory_channel(1)
+    await alone.to_buffer.send(Forget(SESSION_ID, reply))
+    await trio.sleep(1)
+    with pytest.raises(trio.WouldBlock):
+        replies.receive_nowait()
+    await alone.to_buffer.send(Written(1, 1, []))
+    assert await replies.receive() == (True, [])  # its session was in flight; nothing else buffered
+
+
+async def test_an_idle_daemon_does_not_spin_after_delete_emptied_its_buffer(db, tmp_path):
+    """When DELETE drops every row waiting for the next flush, the buffer actor goes back
+    to sleep: an idle daemon burns almost no CPU (it must not wake up in a loop for a flush
+    that has nothing to write)."""
+    async with running(make_config(tmp_path, buffer={"flush_interval": 0.5})) as d:
+        await d.post(SESSIONS_BATCH, {"sessions": [session()]})
+        await d.post(TASKS_BATCH, {"tasks": [task()]})
+        r = await d.client.delete(f"{SESSIONS}/{SESSION_ID}")  # well before the flush is due
+        assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": 1}
+        await trio.sleep(0.7)  # the flush would have been due now
+        cpu, wall = time.process_time(), time.monotonic()
+        await trio.sleep(1)
+        busy = (time.process_time() - cpu) / (time.monotonic() - wall)
+        assert busy < 0.3, f"the idle daemon kept {busy:.0%} of a core busy"
+        assert (await d.get("/health")).json()["buffer"]["total_count"] == 0
+
+
+async def test_delete_drops_tasks_that_return_held_from_the_flush_it_waited_for(alone, autojump_clock):
+    """Tasks in flight when DELETE arrives, handed back as held because their session is
+    not in MySQL, are dropped too: a session of that id arriving later must not bring
+    them back (DESIGN.md: DELETE removes the session's buffered rows)."""
+    # the §10 client's order: tasks first, their session still in the client's buffer
+    await alone.write("tasks", [task(f"t{i}", session_id="S") for i in range(3)])
+    in_flight, _ = await alone.jobs.receive()
+    reply, replies = trio.open_memory_channel(1)
+    await alone.to_buffer.send(Forget("S", reply))  # DELETE /sessions/S while they are written
+    # the flusher finds no session S in MySQL and hands the tasks back to be held
+    await alone.to_buffer.send(Written(0, 0, list(in_flight.tasks.values())))
+    await replies.receive()
+    still_held = (await alone.ask(Status)).held_tasks
+    await alone.write("sessions", [session("S")])
+    job = await alone.jobs.receive()
+    assert (still_held, sorted(job.snapshot.tasks)) == (0, []), \
+        "tasks of the deleted session stayed held and were written with a new session of the same id"
+
+
+# ── §6.2 cleanup ─────────────────────────────────────────────────────────────────────
+
+# id → (status, days since updated_at, tasks)
+AGED = {
+    "c-91": ("completed", 91, 3),
+    "c-89": ("completed", 89, 2),
+    "f-31": ("failed", 31, 2),
+    "f-29": ("failed", 29, 1),
+    "x-31": ("cancelled", 31, 4),
+    "x-29": ("cancelled", 29, 1),
+    "p-400": ("pending", 400, 1),
+    "r-400": ("processing", 400, 1),
+}
+
+
+async def insert_aged(db):
+    # created_at long ago for every row: ageing goes by updated_at
+    await insert(db, "translation_sessions", [srow(sid, status, created_at=ago(500), updated_at=ago(days))
+                                              for sid, (status, days, _) in AGED.items()])
+    await insert(db, "translation_tasks", [trow(f"{sid}/{i}", session_id=sid)
+                                           for sid, (_, _, n) in AGED.items() for i in range(n)])
+
+
+def expected(ids: set[str]) -> tuple[int, int]:
+    return len(ids), sum(AGED[sid][2] for sid in ids)
+
+
+async def cleanup(d, body=None, content=None) -> dict:
+    if content is None and body is not None:
+        content = msgspec.json.encode(body)
+    r = await d.client.post(CLEANUP, content=content or b"",
+                            headers={"content-type": "application/json"} if content else {})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_cleanup_defaults_expire_completed_after_90_days_and_failed_or_cancelled_after_30(daemon, db):
+    """With no body: completed sessions not updated for 90 days, failed and cancelled ones
+    for 30 days go with their tasks; a dry run first counts exactly the same rows and
+    deletes nothing; pending, processing and younger sessions stay."""
+    await insert_aged(db)
+    gone = {"c-91", "f-31", "x-31"}
+    n_sessions, n_tasks = expected(gone)
+    dry = await cleanup(daemon, {"dry_run": True})
+    assert dry == {"status": "completed", "deleted_sessions": n_sessions, "deleted_tasks": n_tasks, "dry_run": True}
+    assert (await session_ids(db), await task_count(db)) == (set(AGED), 15)
+    real = await cleanup(daemon)
+    assert real == {**dry, "dry_run": False}
+    assert await session_ids(db) == set(AGED) - gone
+    assert await task_count(db) == 15 - n_tasks
+    assert await cleanup(daemon, {}) == {"status": "completed", "deleted_sessions": 0, "deleted_tasks": 0,
+                                         "dry_run": False}
+
+
+@pytest.mark.parametrize(("body", "gone"), [
+    ({"completed_days": 90, "failed_days": 30}, {"c-91", "f-31", "x-31"}),  # the defaults, spelt out
+    ({"completed_days": 10, "failed_days": 100}, {"c-91", "c-89"}),
+    ({"completed_days": 365, "failed_days": 0}, {"f-31", "f-29", "x-31", "x-29"}),
+    ({"completed_days": 0, "failed_days": 0}, {"c-91", "c-89", "f-31", "f-29", "x-31", "x-29"}),
+])
+async def test_cleanup_dry_run_counts_exactly_what_the_real_run_deletes(daemon, db, body, gone):
+    """For any retention, the dry run's counts equal the real run's, and the real run
+    deletes exactly the sessions past their retention, with their tasks."""
+    await insert_aged(db)
+    dry = await cleanup(daemon, {**body, "dry_run": True})
+    assert (dry["deleted_sessions"], dry["deleted_tasks"]) == expected(gone)
+    assert await task_count(db) == 15
+    real = await cleanup(daemon, {**body, "dry_run": False})
+    assert real == {**dry, "dry_run": False}
+    assert await session_ids(db) == set(AGED) - gone
+    assert await task_count(db) == 15 - expected(gone)[1]
+
+
+async def test_cleanup_deletes_more_sessions_and_tasks_than_one_chunk(daemon, db):
+    """150 expired sessions (more than a chunk of 100) and one with 6,001 tasks (more than
+    a chunk of 5,000) are all deleted; the dry run counted them all."""
+    big = DELETE_CHUNK_ROWS + 1001
+    await insert(db, "translation_sessions", [srow(f"old{i:03}", "completed", updated_at=ago(100)) for i in range(150)]
+                 + [srow("big", "failed", updated_at=ago(40)), srow("young", "completed", updated_at=ago(1))])
+    await insert(db, "translation_tasks", [trow(f"big/{i:05}", session_id="big") for i in range(big)]
+                 + [trow(f"old{i:03}/0", session_id=f"old{i:03}") for i in range(150)]
+                 + [trow(f"young/{i}", session_id="young") for i in range(10)])
+    dry = await cleanup(daemon, {"dry_run": True})
+    assert (dry["deleted_sessions"], dry["deleted_tasks"]) == (151, big + 150)
+    real = await cleanup(daemon, {"dry_run": False})
+    assert (real["deleted_sessions"], real["deleted_tasks"]) == (151, big + 150)
+    assert (await session_ids(db), await task_count(db)) == ({"young"}, 10)
+
+
+async def test_cleanup_spares_a_session_whose_latest_update_is_still_in_the_buffer(slow_daemon, db):
+    """A session updated just now is not expired, even while its update waits in the
+    buffer: cleanup must not delete its stored row and tasks, only for the next flush to
+    re-create the session without them (its latest accepted updated_at is now)."""
+    d = slow_daemon
+    created = ago(500)
+    await insert(db, "translation_sessions", [srow("rerun", "failed", created_at=created, updated_at=ago(40),
+                                                   total_tasks=3)])
+    await insert(db, "translation_tasks", [trow(f"rerun/{i}", session_id="rerun") for i in range(3)])
+    r = await d.post(SESSIONS_BATCH, {"sessions": [session("rerun", status="processing")]})  # retried by a user
+    assert r.status_code == 202
+    answer = await cleanup(d, {"dry_run": False})
+    await d.flush()
+    stored = await db.query("SELECT status, total_tasks, created_at FROM translation_sessions")
+    assert (stored, await task_count(db), answer["deleted_sessions"]) == ((("processing", 3, created),), 3, 0)
+
+
+@pytest.mark.parametrize(("content", "status", "code", "field"), [
+    (b'{"completed_days": -1}', 422, "VALIDATION_ERROR", "completed_days"),
+    (b'{"failed_days": -30}', 422, "VALIDATION_ERROR", "failed_days"),
+    (b'{"completed_days": 1.5}', 422, "VALIDATION_ERROR", "completed_days"),
+    (b'{"completed_days": "90"}', 422, "VALIDATION_ERROR", "completed_days"),
+    (b'{"dry_run": "yes"}', 422, "VALIDATION_ERROR", "dry_run"),
+    (b'{"retention_days": 10}', 422, "VALIDATION_ERROR", "retention_days"),
+    (b'[]', 422, "VALIDATION_ERROR", ""),
+    (b'{"dry_run": true', 400, "INVALID_JSON", None),
+    (b'dry_run=true', 400, "INVALID_JSON", None),
+])
+async def test_a_bad_cleanup_body_is_refused_and_deletes_nothing(daemon, db, content, status, code, field):
+    """Negative or non-integer days, unknown fields and wrong types are 422; malformed
+    JSON is 400; either way nothing is deleted."""
+    await insert_aged(db)
+    r = await daemon.client.post(CLEANUP, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"detail", "error_code", "errors"} and body["error_code"] == code
+    if field is not None:
+        assert [e["field"] for e in body["errors"]] == [field]
+    assert (await session_ids(db), await task_count(db)) == (set(AGED), 15)
+
+
+# ── the janitor ──────────────────────────────────────────────────────────────────────
+
+
+async def wait_until_gone(db, session_id, within_s):
+    with trio.fail_after(within_s):
+        while session_id in await session_ids(db):
+            await trio.sleep(0.1)
+
+
+async def test_the_janitor_runs_the_cleanup_on_its_schedule_and_stops_cleanly(db, tmp_path):
+    """With [janitor] interval 0.5 s the configured retention is applied within seconds,
+    again on every run, and the daemon still stops promptly."""
+    await insert(db, "translation_sessions", [
+        srow("c-10", "completed", updated_at=ago(10)), srow("c-2", "completed", updated_at=ago(2)),
+        srow("f-40", "failed", updated_at=ago(40)), srow("f-20", "failed", updated_at=ago(20)),
+        srow("r-400", "processing", updated_at=ago(400))])
+    await insert(db, "translation_tasks", [trow("f-40/0", session_id="f-40"), trow("c-10/0", session_id="c-10")])
+    cfg = make_config(tmp_path, janitor={"interval": 0.5, "completed_days": 5})
+    with trio.fail_after(15):
+        async with running(cfg):
+            await wait_until_gone(db, "c-10", 4)
+            await wait_until_gone(db, "f-40", 1)
+            assert await session_ids(db) == {"c-2", "f-20", "r-400"}
+            assert await task_count(db) == 0
+            # a later run finds what has expired since
+            await insert(db, "translation_sessions", [srow("x-40", "cancelled", updated_at=ago(40))])
+            await wait_until_gone(db, "x-40", 4)
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 3
+    assert await session_ids(db) == {"c-2", "f-20", "r-400"}
+
+
+async def test_no_janitor_runs_when_its_interval_is_0(db, tmp_path):
+    """[janitor] interval 0 turns scheduled cleanup off: expired sessions stay."""
+    await insert(db, "translation_sessions", [srow("c-100", "completed", updated_at=ago(100))])
+    async with running(make_config(tmp_path, janitor={"interval": 0})):
+        await trio.sleep(1)
+    assert await session_ids(db) == {"c-100"}
+
+
+# ── §6.3 stats ───────────────────────────────────────────────────────────────────────
+
+STATS_KEYS = {"sessions", "tasks", "performance", "storage"}
+PERFORMANCE_KEYS = {"average_session_time", "average_task_time", "success_rate"}
+STORAGE_KEYS = {"database_size_mb", "sessions_table_rows", "tasks_table_rows"}
+
+
+async def test_stats_for_a_known_data_set(daemon, db):
+    """Counts per status (sessions include cancelled), average session time of completed
+    sessions, average task time from duration_ms of completed tasks, success rate of
+    finished tasks, and the storage figures of the two tables."""
+    await insert(db, "translation_sessions", [
+        srow("c1", "completed", created_at=BASE, updated_at=BASE + timedelta(seconds=100)),
+        srow("c2", "completed", created_at=BASE, updated_at=BASE + timedelta(seconds=301)),
+        srow("f1", "failed", created_at=BASE, updated_at=BASE + timedelta(seconds=5000)),
+        srow("x1", "cancelled", created_at=BASE, updated_at=BASE + timedelta(seconds=7000)),
+        srow("p1", "pending"), srow("r1", "processing"), srow("r2", "processing")])
+    await insert(db, "translation_tasks", [
+        trow("done1", "r1", "completed", duration_ms=1000),
+        trow("done2", "r1", "completed", duration_ms=2000),
+        trow("done3", "r1", "completed", duration_ms=4500),
+        trow("done4", "r1", "completed"),  # no duration: not in the average
+        trow("fail1", "r1", "failed", duration_ms=90000),  # failed: not in the average
+        trow("fail2", "r1", "failed"),
+        trow("pend1", "r1", "pending", duration_ms=70000), trow("pend2", "r2", "pending"),
+        trow("proc1", "r2", "processing", duration_ms=80000)])
+    await db.query("ANALYZE TABLE translation_sessions, translation_tasks")
+    r = await daemon.get(STATS)
+    assert r.status_code == 200, r.text
+    stats = r.json()
+    assert set(stats) == STATS_KEYS
+    assert stats["sessions"] == {"total": 7, "pending": 1, "processing": 2, "completed": 2, "failed": 1,
+                                 "cancelled": 1}
+    assert stats["tasks"] == {"total": 9, "pending": 2, "processing": 1, "completed": 4, "failed": 2}
+    assert stats["performance"] == {"average_session_time": 200.5, "average_task_time": 2.5,
+                                    "success_rate": 66.7}
+    storage = stats["storage"]
+    assert set(storage) == STORAGE_KEYS
+    assert isinstance(storage["database_size_mb"], (int, float)) and storage["database_size_mb"] > 0
+    assert (storage["sessions_table_rows"], storage["tasks_table_rows"]) == (7, 9)
+
+
+async def test_stats_of_an_empty_database_and_their_cache(daemon, db):
+    """With no rows every count is 0 and the performance figures are null (nothing to
+    average); the answer is cached for a few seconds, so a new row is not seen at once."""
+    r = await daemon.get(STATS)
+    stats = r.json()
+    assert stats["sessions"] == {"total": 0, "pending": 0, "processing": 0, "completed": 0, "failed": 0,
+                                 "cancelled": 0}
+    assert stats["tasks"] == {"total": 0, "pending": 0, "processing": 0, "completed": 0, "failed": 0}
+    assert stats["performance"] == {"average_session_time": None, "average_task_time": None, "success_rate": None}
+    assert set(stats["storage"]) == STORAGE_KEYS
+    await insert(db, "translation_sessions", [srow("new", "completed")])
+    assert (await daemon.get(STATS)).json() == stats
