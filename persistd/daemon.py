@@ -1117,14 +1117,26 @@ def upsert_statements(table: Table, entries: list[Entry]) -> list[str]:
 
 
 async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> None:
-    """Building the statements is pure Python, ~10 µs a row. It runs in a worker thread:
-    on the event loop, request handlers (each decoding a body in one go) would starve it
-    under load, and it would hold up their answers. The GIL hands over every
-    `sys.getswitchinterval()`, so both keep moving. The buffer does not touch a snapshot's
-    rows while the flusher has it."""
-    if entries:
-        for statement in await trio.to_thread.run_sync(upsert_statements, table, entries):
-            await conn.query(statement)
+    """Building the statements is pure Python, ~10 µs a row. It runs in a worker thread,
+    STATEMENT_MAX_ROWS rows at a time, while the previous statements execute: the
+    database never waits for the next one, and on the event loop request handlers (each
+    decoding a body in one go) would starve it under load and be held up by it. The GIL
+    hands over every `sys.getswitchinterval()`, so both keep moving. The buffer does not
+    touch a snapshot's rows while the flusher has it."""
+    statements, ready = trio.open_memory_channel[str](1)
+
+    async def build() -> None:
+        async with statements:
+            for i in range(0, len(entries), STATEMENT_MAX_ROWS):
+                part = entries[i:i + STATEMENT_MAX_ROWS]
+                for statement in await trio.to_thread.run_sync(upsert_statements, table, part):
+                    await statements.send(statement)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(build)
+        async with ready:
+            async for statement in ready:
+                await conn.query(statement)
 
 
 async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> tuple[int, int, list[Entry]]:
