@@ -13,9 +13,9 @@ import msgspec
 import pytest
 import trio
 
-from conftest import SESSION_ID, make_config, running, session, task
+from conftest import SESSION_ID, BufferAlone, make_config, running, session, task
 from persistd.daemon import (
-    DELETE_CHUNK_ROWS, DeadLetters, Forget, Metrics, SessionIn, Status, TaskIn, Write, Written, buffer_actor,
+    DELETE_CHUNK_ROWS, Forget, Status, Written,
 )
 
 SESSIONS = "/api/v1/translation/sessions"
@@ -41,15 +41,6 @@ def trow(task_id, session_id=SESSION_ID, status="pending", **fields):
     return {"task_id": task_id, "session_id": session_id, "batch_id": "batch_001", "sheet_name": "Dialogue",
             "row_index": 0, "column_name": "Text", "source_text": "Hello", "status": status,
             "duration_ms": None, **fields}
-
-
-async def insert(db, table, rows, chunk=1000):
-    columns = list(rows[0])
-    for i in range(0, len(rows), chunk):
-        part = rows[i:i + chunk]
-        values = ",".join(["(" + ",".join(["%s"] * len(columns)) + ")"] * len(part))
-        await db.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}",
-                       *[row[c] for row in part for c in columns])
 
 
 async def session_ids(db) -> set[str]:
@@ -93,7 +84,7 @@ async def test_delete_cascades_to_the_tasks_and_reports_how_many(daemon, db):
 
 async def test_delete_of_an_unknown_session_is_404(daemon, db):
     """DELETE of an id never accepted is 404 with the id in the body, and deletes nothing."""
-    await insert(db, "translation_sessions", [srow(SESSION_ID)])
+    await db.insert("translation_sessions", [srow(SESSION_ID)])
     r = await daemon.client.delete(f"{SESSIONS}/nope")
     assert r.status_code == 404
     assert r.json() == {"detail": "Session not found", "session_id": "nope", "error_code": "NOT_FOUND",
@@ -104,8 +95,8 @@ async def test_delete_of_an_unknown_session_is_404(daemon, db):
 async def test_delete_removes_more_tasks_than_one_chunk(daemon, db):
     """A session with more tasks than one DELETE chunk (5,000) loses every one of them."""
     n = DELETE_CHUNK_ROWS + 1001
-    await insert(db, "translation_sessions", [srow(SESSION_ID), srow("other")])
-    await insert(db, "translation_tasks", [trow(f"t{i:05}") for i in range(n)] + [trow("o1", session_id="other")])
+    await db.insert("translation_sessions", [srow(SESSION_ID), srow("other")])
+    await db.insert("translation_tasks", [trow(f"t{i:05}") for i in range(n)] + [trow("o1", session_id="other")])
     r = await daemon.client.delete(f"{SESSIONS}/{SESSION_ID}")
     assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": n}
     assert (await task_count(db), await session_ids(db)) == (1, {"other"})
@@ -164,35 +155,16 @@ async def test_delete_drops_tasks_held_for_a_session_that_never_arrived(slow_dae
 AT = datetime(2025, 9, 30, 10, 0, tzinfo=timezone.utc)
 
 
-class BufferAlone:
-    def __init__(self, tmp_path):
-        self.cfg = make_config(tmp_path, buffer={"flush_interval": 2})
-        self.to_buffer, self.inbox = trio.open_memory_channel(64)
-        self.to_flusher, self.jobs = trio.open_memory_channel(1)
-        self.dead_letters = DeadLetters(tmp_path / "dead.jsonl", Metrics())
-
-    async def ask(self, message_type, *args):
-        reply, replies = trio.open_memory_channel(1)
-        await self.to_buffer.send(message_type(*args, reply))
-        return await replies.receive()
-
-    async def write(self, key, rows):
-        row_type = SessionIn if key == "sessions" else TaskIn
-        assert await self.ask(Write, key, [msgspec.convert(r, row_type) for r in rows], AT)
-
-
 @pytest.fixture
 async def alone(tmp_path, nursery):
-    b = BufferAlone(tmp_path)
-    nursery.start_soon(buffer_actor, b.cfg, b.inbox, b.to_flusher, b.dead_letters)
-    return b
+    return BufferAlone(tmp_path).start(nursery)
 
 
 async def test_delete_waits_for_the_flush_in_flight_before_it_is_answered(alone, autojump_clock):
     """Forget (DELETE) is answered only once the snapshot in flight is written, so the
     database delete that follows cannot be overtaken by it."""
-    await alone.write("sessions", [session()])
-    await alone.write("tasks", [task("t0")])
+    await alone.write("sessions", [session()], AT)
+    await alone.write("tasks", [task("t0")], AT)
     in_flight, _ = await alone.jobs.receive()
     reply, replies = trio.open_memory_channel(1)
     await alone.to_buffer.send(Forget(SESSION_ID, reply))
@@ -225,7 +197,7 @@ async def test_delete_drops_tasks_that_return_held_from_the_flush_it_waited_for(
     not in MySQL, are dropped too: a session of that id arriving later must not bring
     them back (DESIGN.md: DELETE removes the session's buffered rows)."""
     # the §10 client's order: tasks first, their session still in the client's buffer
-    await alone.write("tasks", [task(f"t{i}", session_id="S") for i in range(3)])
+    await alone.write("tasks", [task(f"t{i}", session_id="S") for i in range(3)], AT)
     in_flight, _ = await alone.jobs.receive()
     reply, replies = trio.open_memory_channel(1)
     await alone.to_buffer.send(Forget("S", reply))  # DELETE /sessions/S while they are written
@@ -233,7 +205,7 @@ async def test_delete_drops_tasks_that_return_held_from_the_flush_it_waited_for(
     await alone.to_buffer.send(Written(0, 0, list(in_flight.tasks.values())))
     await replies.receive()
     still_held = (await alone.ask(Status)).held_tasks
-    await alone.write("sessions", [session("S")])
+    await alone.write("sessions", [session("S")], AT)
     job = await alone.jobs.receive()
     assert (still_held, sorted(job.snapshot.tasks)) == (0, []), \
         "tasks of the deleted session stayed held and were written with a new session of the same id"
@@ -256,9 +228,9 @@ AGED = {
 
 async def insert_aged(db):
     # created_at long ago for every row: ageing goes by updated_at
-    await insert(db, "translation_sessions", [srow(sid, status, created_at=ago(500), updated_at=ago(days))
+    await db.insert("translation_sessions", [srow(sid, status, created_at=ago(500), updated_at=ago(days))
                                               for sid, (status, days, _) in AGED.items()])
-    await insert(db, "translation_tasks", [trow(f"{sid}/{i}", session_id=sid)
+    await db.insert("translation_tasks", [trow(f"{sid}/{i}", session_id=sid)
                                            for sid, (_, _, n) in AGED.items() for i in range(n)])
 
 
@@ -316,9 +288,9 @@ async def test_cleanup_deletes_more_sessions_and_tasks_than_one_chunk(daemon, db
     """150 expired sessions (more than a chunk of 100) and one with 6,001 tasks (more than
     a chunk of 5,000) are all deleted; the dry run counted them all."""
     big = DELETE_CHUNK_ROWS + 1001
-    await insert(db, "translation_sessions", [srow(f"old{i:03}", "completed", updated_at=ago(100)) for i in range(150)]
+    await db.insert("translation_sessions", [srow(f"old{i:03}", "completed", updated_at=ago(100)) for i in range(150)]
                  + [srow("big", "failed", updated_at=ago(40)), srow("young", "completed", updated_at=ago(1))])
-    await insert(db, "translation_tasks", [trow(f"big/{i:05}", session_id="big") for i in range(big)]
+    await db.insert("translation_tasks", [trow(f"big/{i:05}", session_id="big") for i in range(big)]
                  + [trow(f"old{i:03}/0", session_id=f"old{i:03}") for i in range(150)]
                  + [trow(f"young/{i}", session_id="young") for i in range(10)])
     dry = await cleanup(daemon, {"dry_run": True})
@@ -334,9 +306,9 @@ async def test_cleanup_spares_a_session_whose_latest_update_is_still_in_the_buff
     re-create the session without them (its latest accepted updated_at is now)."""
     d = slow_daemon
     created = ago(500)
-    await insert(db, "translation_sessions", [srow("rerun", "failed", created_at=created, updated_at=ago(40),
+    await db.insert("translation_sessions", [srow("rerun", "failed", created_at=created, updated_at=ago(40),
                                                    total_tasks=3)])
-    await insert(db, "translation_tasks", [trow(f"rerun/{i}", session_id="rerun") for i in range(3)])
+    await db.insert("translation_tasks", [trow(f"rerun/{i}", session_id="rerun") for i in range(3)])
     r = await d.post(SESSIONS_BATCH, {"sessions": [session("rerun", status="processing")]})  # retried by a user
     assert r.status_code == 202
     answer = await cleanup(d, {"dry_run": False})
@@ -381,11 +353,11 @@ async def wait_until_gone(db, session_id, within_s):
 async def test_the_janitor_runs_the_cleanup_on_its_schedule_and_stops_cleanly(db, tmp_path):
     """With [janitor] interval 0.5 s the configured retention is applied within seconds,
     again on every run, and the daemon still stops promptly."""
-    await insert(db, "translation_sessions", [
+    await db.insert("translation_sessions", [
         srow("c-10", "completed", updated_at=ago(10)), srow("c-2", "completed", updated_at=ago(2)),
         srow("f-40", "failed", updated_at=ago(40)), srow("f-20", "failed", updated_at=ago(20)),
         srow("r-400", "processing", updated_at=ago(400))])
-    await insert(db, "translation_tasks", [trow("f-40/0", session_id="f-40"), trow("c-10/0", session_id="c-10")])
+    await db.insert("translation_tasks", [trow("f-40/0", session_id="f-40"), trow("c-10/0", session_id="c-10")])
     cfg = make_config(tmp_path, janitor={"interval": 0.5, "completed_days": 5})
     with trio.fail_after(15):
         async with running(cfg):
@@ -394,7 +366,7 @@ async def test_the_janitor_runs_the_cleanup_on_its_schedule_and_stops_cleanly(db
             assert await session_ids(db) == {"c-2", "f-20", "r-400"}
             assert await task_count(db) == 0
             # a later run finds what has expired since
-            await insert(db, "translation_sessions", [srow("x-40", "cancelled", updated_at=ago(40))])
+            await db.insert("translation_sessions", [srow("x-40", "cancelled", updated_at=ago(40))])
             await wait_until_gone(db, "x-40", 4)
             stopping = time.monotonic()
         assert time.monotonic() - stopping < 3
@@ -403,7 +375,7 @@ async def test_the_janitor_runs_the_cleanup_on_its_schedule_and_stops_cleanly(db
 
 async def test_no_janitor_runs_when_its_interval_is_0(db, tmp_path):
     """[janitor] interval 0 turns scheduled cleanup off: expired sessions stay."""
-    await insert(db, "translation_sessions", [srow("c-100", "completed", updated_at=ago(100))])
+    await db.insert("translation_sessions", [srow("c-100", "completed", updated_at=ago(100))])
     async with running(make_config(tmp_path, janitor={"interval": 0})):
         await trio.sleep(1)
     assert await session_ids(db) == {"c-100"}
@@ -420,13 +392,13 @@ async def test_stats_for_a_known_data_set(daemon, db):
     """Counts per status (sessions include cancelled), average session time of completed
     sessions, average task time from duration_ms of completed tasks, success rate of
     finished tasks, and the storage figures of the two tables."""
-    await insert(db, "translation_sessions", [
+    await db.insert("translation_sessions", [
         srow("c1", "completed", created_at=BASE, updated_at=BASE + timedelta(seconds=100)),
         srow("c2", "completed", created_at=BASE, updated_at=BASE + timedelta(seconds=301)),
         srow("f1", "failed", created_at=BASE, updated_at=BASE + timedelta(seconds=5000)),
         srow("x1", "cancelled", created_at=BASE, updated_at=BASE + timedelta(seconds=7000)),
         srow("p1", "pending"), srow("r1", "processing"), srow("r2", "processing")])
-    await insert(db, "translation_tasks", [
+    await db.insert("translation_tasks", [
         trow("done1", "r1", "completed", duration_ms=1000),
         trow("done2", "r1", "completed", duration_ms=2000),
         trow("done3", "r1", "completed", duration_ms=4500),
@@ -461,5 +433,5 @@ async def test_stats_of_an_empty_database_and_their_cache(daemon, db):
     assert stats["tasks"] == {"total": 0, "pending": 0, "processing": 0, "completed": 0, "failed": 0}
     assert stats["performance"] == {"average_session_time": None, "average_task_time": None, "success_rate": None}
     assert set(stats["storage"]) == STORAGE_KEYS
-    await insert(db, "translation_sessions", [srow("new", "completed")])
+    await db.insert("translation_sessions", [srow("new", "completed")])
     assert (await daemon.get(STATS)).json() == stats

@@ -63,21 +63,12 @@ def trow(task_id, session_id=SESSION_ID, status="pending", created_at=BASE, upda
             "created_at": created_at, "updated_at": updated_at or created_at, **fields}
 
 
-async def insert(db, table, rows, chunk=1000):
-    columns = list(rows[0])
-    for i in range(0, len(rows), chunk):
-        part = rows[i:i + chunk]
-        values = ",".join(["(" + ",".join(["%s"] * len(columns)) + ")"] * len(part))
-        await db.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}",
-                       *[row[c] for row in part for c in columns])
-
-
 async def insert_sessions(db, rows):
-    await insert(db, "translation_sessions", rows)
+    await db.insert("translation_sessions", rows)
 
 
 async def insert_tasks(db, rows):
-    await insert(db, "translation_tasks", rows)
+    await db.insert("translation_tasks", rows)
 
 
 async def get_ok(d, path, **params):

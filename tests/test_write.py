@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SESSION_ID, make_config, running, session, task
+from conftest import SESSION_ID, BufferAlone, make_config, running, session, task
 from persistd.daemon import (
-    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, TASKS, Buffer, BufferConfig, DeadLetters, Entry, Drain, Failed, Flush, FlushWaiter,
-    Metrics, SessionIn, TaskIn, Write, Written, buffer_actor, upsert,
+    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, TASKS, Buffer, BufferConfig, Entry, Drain, Failed, Flush, FlushWaiter,
+    SessionIn, TaskIn, Write, Written, upsert,
 )
 
 SESSIONS_URL = "/api/v1/translation/sessions/batch"
@@ -367,26 +367,9 @@ def task_rows(n, **fields):
     return [msgspec.convert(task(f"t{i}", **fields), TaskIn) for i in range(n)]
 
 
-class BufferHarness:
-    """The buffer actor on its own: we play the http actor and the flusher."""
-
-    def __init__(self, tmp_path, **buffer):
-        self.cfg = make_config(tmp_path, buffer={"flush_interval": 2, "flush_rows": 1000, **buffer})
-        self.to_buffer, self.inbox = trio.open_memory_channel(64)
-        self.to_flusher, self.jobs = trio.open_memory_channel(1)
-        self.dead_letters = DeadLetters(tmp_path / "dead.jsonl", Metrics())
-
-    async def ask(self, message_type, *args):
-        reply, replies = trio.open_memory_channel(1)
-        await self.to_buffer.send(message_type(*args, reply))
-        return await replies.receive()
-
-
 @pytest.fixture
 async def harness(tmp_path, nursery):
-    h = BufferHarness(tmp_path)
-    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
-    return h
+    return BufferAlone(tmp_path).start(nursery)
 
 
 async def test_rows_are_flushed_once_flush_interval_elapses(harness, autojump_clock):
@@ -468,8 +451,7 @@ async def test_drain_writes_the_last_rows_then_closes_the_flusher(harness, autoj
 
 
 async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_path, nursery, autojump_clock):
-    h = BufferHarness(tmp_path, shutdown_timeout=5)
-    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    h = BufferAlone(tmp_path, shutdown_timeout=5).start(nursery)
     await h.ask(Write, "tasks", task_rows(3), AT)
     await h.to_buffer.send(Drain())
     while True:
@@ -486,8 +468,7 @@ async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_
 
 
 async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp_path, nursery, autojump_clock):
-    h = BufferHarness(tmp_path, shutdown_timeout=5)
-    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    h = BufferAlone(tmp_path, shutdown_timeout=5).start(nursery)
     await h.ask(Write, "tasks", task_rows(3), AT)
     _, attempt = await h.jobs.receive()
     assert attempt.deadline > trio.current_time() + 20  # write_timeout
@@ -504,8 +485,7 @@ async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp
 
 
 async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):
-    h = BufferHarness(tmp_path, orphan_ttl=100)
-    nursery.start_soon(buffer_actor, h.cfg, h.inbox, h.to_flusher, h.dead_letters)
+    h = BufferAlone(tmp_path, orphan_ttl=100).start(nursery)
     await h.ask(Write, "tasks", task_rows(2), AT)
     await h.jobs.receive()
     await h.to_buffer.send(Written(0, 0, [Entry(row, AT, AT, 1) for row in task_rows(2)]))
