@@ -3,9 +3,10 @@
 One trio nursery in `run()` holds the actors. Each is a top-level async function that owns
 its state as local variables and talks only through the channel ends it was handed:
 
-    clients ──HTTP──► http actor ──Write/Flush/Status/Drain──► buffer actor ──Job──► flusher actor ──► MySQL
-                      (quart-trio on                           (sole owner of    ◄──Written/Failed──┘
-                       hypercorn's trio worker)                 unflushed rows)
+    clients ──HTTP──► http actor ──Room/Write/Flush/Lookup/──► buffer actor ──Job──► flusher actor ──► MySQL
+                      (quart-trio on   Forget/Status/Drain      (sole owner of    ◄──Written/Failed──┘
+                       hypercorn's                              unflushed rows)
+                       trio worker)    janitor actor ──Flush──►
 
 - http: validates every batch with msgspec at the door and answers 202 as soon as the
   buffer has taken it; nothing that MySQL could refuse later is accepted.
@@ -13,8 +14,10 @@ its state as local variables and talks only through the channel ends it was hand
   session has not arrived yet, decides when to flush and when to retry, and is the only
   place that knows which rows are not yet in the database.
 - flusher: writes one snapshot per job in one transaction over one dedicated connection,
-  sessions before tasks, and reports what it wrote or why it failed. It has no policy.
-- janitor: runs the retention cleanup on a schedule; stops between chunks at shutdown.
+  sessions before tasks, and reports what it wrote or why it failed. It has no policy. It
+  builds the SQL text in a worker thread while the previous statement executes.
+- janitor: runs the retention cleanup on a schedule, after the buffer has written out;
+  stops between chunks at shutdown.
 
 Reads go to the database through a small pool; single-row reads lay the buffer's state over
 the stored row, and recovery first asks the buffer to write everything out.
@@ -32,7 +35,6 @@ import argparse
 import functools
 import gc
 import itertools
-import json
 import logging
 import math
 import operator
@@ -723,7 +725,7 @@ class Metrics:
             "persistence_dead_letter_rows", "Rows moved to the dead-letter file", ["reason"], registry=r)
 
 
-# ── the buffer's state (pure: no trio, no database) ──────────────────────────────────
+# ── the buffer's state (pure: no I/O, no clock) ──────────────────────────────────────
 
 
 class Entry(Struct, gc=False):
