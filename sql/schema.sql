@@ -4,6 +4,11 @@
 -- binary collation utf8mb4_bin. Under the default case-insensitive collation "Task_1" and
 -- "task_1" are one row in MySQL but two in persistd's buffer, and last-write-wins could not
 -- hold. persistd refuses ids containing whitespace, so PAD SPACE cannot merge ids either.
+--
+-- The indexes extend the spec's: each of its idx_status, idx_session_id and
+-- idx_session_status is the prefix of a longer index below that also serves a list's order
+-- (issue 3). An index changed here reaches an existing database only by hand: the daemon
+-- creates missing tables, it does not alter present ones.
 
 CREATE TABLE IF NOT EXISTS translation_sessions (
     session_id VARCHAR(36) COLLATE utf8mb4_bin PRIMARY KEY COMMENT '会话ID',
@@ -20,7 +25,8 @@ CREATE TABLE IF NOT EXISTS translation_sessions (
     created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP COMMENT '创建时间',
     updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP COMMENT '更新时间',
 
-    INDEX idx_status (status),
+    INDEX idx_status_created (status, created_at),
+    INDEX idx_status_updated (status, updated_at),
     INDEX idx_created_at (created_at),
     INDEX idx_updated_at (updated_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
@@ -46,8 +52,13 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
     updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP COMMENT '更新时间',
 
     FOREIGN KEY (session_id) REFERENCES translation_sessions(session_id) ON DELETE CASCADE,
-    INDEX idx_session_id (session_id),
     INDEX idx_batch_id (batch_id),
-    INDEX idx_status (status),
-    INDEX idx_session_status (session_id, status)
+    -- Every list is read in the order of an index (the primary key task_id is the last
+    -- column of each), so a page costs its offset in index entries, never a sort.
+    INDEX idx_created_at (created_at),                                          -- GET /tasks
+    INDEX idx_status_created (status, created_at),                              -- GET /tasks?status
+    INDEX idx_session_created (session_id, created_at),                         -- GET /tasks?session_id
+    INDEX idx_session_status_created (session_id, status, created_at),          -- GET /tasks?session_id&status
+    INDEX idx_session_sheet (session_id, sheet_name, row_index, column_name),   -- GET /sessions/{id}/tasks
+    INDEX idx_session_status_sheet (session_id, status, sheet_name, row_index, column_name)  -- ?status, restore
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
