@@ -1865,8 +1865,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         answer(reply, [msgspec.structs.replace(e, row=msgspec.structs.replace(e.row))
                                        for e in buf.lookup(key, row_id)])
                     case Forget(session_id, reply):
-                        for reply, value in buf.forget(session_id, reply):
-                            answer(reply, value)
+                        for due, value in buf.forget(session_id, reply):
+                            answer(due, value)
                     case Failed(error):
                         delay = buf.failed(error, now)
                         log.warning("flush failed, retrying in %.1f s: %s", delay, error)
