@@ -587,7 +587,7 @@ def row_errors(row_type: type, row: Any, where: str) -> list[tuple[str, str]]:
         try:
             _decoder(_without_unset(info.type)).decode(msgspec.json.encode(row[name]))
         except msgspec.ValidationError as exc:
-            message = re.sub(r" - at `\$.*`$", "", str(exc))
+            message = validation_error(exc)[1]
             if "matching regex" in message:
                 message = "Expected an id without whitespace"
             errors.append((f"{where}.{name}", message))
@@ -1514,6 +1514,22 @@ class BufferStatus(NamedTuple):
     last_error: str | None
 
 
+async def ask_buffer(to_buffer: trio.MemorySendChannel, message: typing.Callable[..., Any], *args: Any,
+                     timeout: float = math.inf) -> Any:
+    """Send `message(*args, reply)` to the buffer actor and wait for its answer; None when
+    none came within `timeout` (the buffer waits for the database: a flush that keeps failing)."""
+    reply, replies = trio.open_memory_channel(1)
+    async with replies:
+        await to_buffer.send(message(*args, reply))
+        with trio.move_on_after(timeout):
+            return await replies.receive()
+    return None
+
+
+def flush_request(reply: trio.MemorySendChannel) -> Flush:
+    return Flush(FlushWaiter(reply))
+
+
 def answer(reply: trio.MemorySendChannel, value: Any) -> None:
     """Reply to a request whose handler may have given up waiting (and closed its end)."""
     try:
@@ -1575,11 +1591,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     app.config["MAX_CONTENT_LENGTH"] = cfg.server.max_body_bytes
     started = time.monotonic()
 
-    async def ask(message: type, *args: Any) -> Any:
-        reply, replies = trio.open_memory_channel(1)
-        async with replies:
-            await to_buffer.send(message(*args, reply))
-            return await replies.receive()
+    ask = functools.partial(ask_buffer, to_buffer)
 
     @app.before_request
     async def start_timer() -> None:
@@ -1637,23 +1649,13 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     async def tasks_batch() -> Response:
         return await accept("tasks")
 
-    async def ask_within(timeout: float, message: type, *args: Any) -> Any:
-        """`ask`, or None when no answer came within `timeout` (the buffer waits for the
-        database: a flush that keeps failing)."""
-        reply, replies = trio.open_memory_channel(1)
-        async with replies:
-            await to_buffer.send(message(*args, reply))
-            with trio.move_on_after(timeout):
-                return await replies.receive()
-        return None
-
     def flush_timed_out(status: BufferStatus) -> str:
         return (f"Not everything was written within {cfg.buffer.flush_timeout:g} s "
                 f"({status.last_error or 'the database is slow'}); the rows are kept and retried")
 
     async def write_out() -> None:
         """Recovery reads the database: first everything accepted must be in it."""
-        if await ask_within(cfg.buffer.flush_timeout, lambda reply: Flush(FlushWaiter(reply))) is None:
+        if await ask(flush_request, timeout=cfg.buffer.flush_timeout) is None:
             raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))
 
     async def read(fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:
@@ -1678,7 +1680,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     @app.post("/api/v1/translation/flush")
     async def flush() -> Response:
         started_at = trio.current_time()
-        waiter = await ask_within(cfg.buffer.flush_timeout, lambda reply: Flush(FlushWaiter(reply)))
+        waiter = await ask(flush_request, timeout=cfg.buffer.flush_timeout)
         duration_ms = round(1000 * (trio.current_time() - started_at))
         status = await ask(Status)
         if waiter is None:
@@ -1751,7 +1753,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
 
     @app.delete("/api/v1/translation/sessions/<session_id>")
     async def session_delete(session_id: str) -> Response:
-        forgotten = await ask_within(cfg.buffer.flush_timeout, Forget, session_id)
+        forgotten = await ask(Forget, session_id, timeout=cfg.buffer.flush_timeout)
         if forgotten is None:
             raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))
         had_session, dropped = forgotten
@@ -1940,25 +1942,15 @@ async def janitor_actor(cfg: Config, db: Database, to_buffer: trio.MemorySendCha
             with trio.move_on_after(cfg.janitor.interval):
                 await stop.wait()
                 return
-            if not await janitor_flush(cfg, to_buffer):
+            try:
+                written_out = await ask_buffer(to_buffer, flush_request, timeout=cfg.buffer.flush_timeout)
+            except trio.BrokenResourceError:  # the buffer has finished: we are shutting down
+                return
+            if written_out is None:
                 log.warning("cleanup skipped: the buffer could not be written out; next run in %g s",
                             cfg.janitor.interval)
                 continue
             await janitor_run(cfg, db, stop)
-
-
-async def janitor_flush(cfg: Config, to_buffer: trio.MemorySendChannel) -> bool:
-    """Whether the buffer wrote out everything accepted so far within flush_timeout."""
-    reply, replies = trio.open_memory_channel(1)
-    async with replies:
-        with trio.move_on_after(cfg.buffer.flush_timeout):
-            try:
-                await to_buffer.send(Flush(FlushWaiter(reply)))
-            except trio.BrokenResourceError:  # the buffer has finished: we are shutting down
-                return False
-            await replies.receive()
-            return True
-    return False
 
 
 async def janitor_run(cfg: Config, db: Database, stop: trio.Event) -> None:
