@@ -173,6 +173,10 @@ class Load:
                     return
 
 
+# A client whose upload the stopping daemon cuts off leaves httpx's body iterator to the
+# garbage collector; that is the client's side of an unacknowledged request, not a defect.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object ByteStream.__aiter__:pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_under_load_writes_every_acknowledged_row_and_exits_0(db, tmp_path, signum):
     """A signal in the middle of a load of task batches: persistd exits 0 within
