@@ -32,6 +32,8 @@ the flusher's job channel → the flusher closes its result channel → `run()` 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import gc
 import itertools
@@ -42,11 +44,12 @@ import os
 import random
 import re
 import signal
+import struct
 import sys
 import time
 import tomllib
 import typing
-from contextlib import asynccontextmanager
+import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -83,6 +86,7 @@ STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB o
 SNAPSHOT_MAX_ROWS = 5000  # tasks per flush: bounds the transaction and the event-loop time of one job
 STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
+LOW_WATERMARK = 0.8  # once over a limit, batches are refused until every use is below this share
 RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
 ORPHAN_SWEEP_MAX_S = 60.0
 # Session variables for every connection: times are UTC, and nothing is silently truncated.
@@ -118,6 +122,8 @@ class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     flush_rows: Annotated[int, Meta(ge=1)] = 1000
     # ~1.9 KB a buffered task row (measured): 50,000 rows ≈ 95 MB on top of ~50 MB of process
     max_rows: Annotated[int, Meta(ge=MAX_BATCH_ROWS)] = 50_000
+    # request bytes of the buffered rows: bounds memory when rows carry long texts
+    max_bytes: Annotated[int, Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
     flush_timeout: Seconds = 10.0
     shutdown_timeout: Seconds = 30.0
     retry_max: Seconds = 30.0
@@ -126,6 +132,14 @@ class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class StateConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     dir: str = "state"
+
+
+class JournalConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # fsync: a 202 means the batch is on disk (survives kill -9 and a power cut);
+    # write: in the OS page cache (survives kill -9, not a power cut); off: in memory only.
+    mode: Literal["fsync", "write", "off"] = "fsync"
+    # unreleased records; over it batch endpoints answer 503 until it falls below LOW_WATERMARK
+    max_bytes: Annotated[int, Meta(ge=8 * 1024 * 1024)] = 1024 * 1024 * 1024
 
 
 class JanitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -139,6 +153,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     janitor: JanitorConfig = msgspec.field(default_factory=JanitorConfig)
 
 
@@ -168,6 +183,10 @@ def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
     parse_database_url(cfg.database.url)
+    if cfg.buffer.max_bytes < cfg.server.max_body_bytes:
+        raise ConfigError("[buffer] max_bytes must be at least [server] max_body_bytes, or the largest body never fits")
+    if cfg.journal.max_bytes < cfg.buffer.max_bytes:
+        raise ConfigError("[journal] max_bytes must be at least [buffer] max_bytes: the journal holds every buffered row")
     return cfg
 
 
@@ -723,6 +742,12 @@ class Metrics:
             "persistence_rows_written", "Rows written to the database", ["type"], registry=r)
         self.dead_letters = prometheus_client.Counter(
             "persistence_dead_letter_rows", "Rows moved to the dead-letter file", ["reason"], registry=r)
+        self.journal_bytes = prometheus_client.Gauge(
+            "persistence_journal_bytes", "Journal records not yet released", registry=r)
+        self.journal_kept_aside = prometheus_client.Counter(
+            "persistence_journal_corrupt_tails", "Torn or corrupt journal tails moved aside at start", registry=r)
+        self.replayed_rows = prometheus_client.Counter(
+            "persistence_journal_replayed_rows", "Rows replayed from the journal at start", registry=r)
 
 
 # ── the buffer's state (pure: no I/O, no clock) ──────────────────────────────────────
@@ -730,13 +755,16 @@ class Metrics:
 
 class Entry(Struct, gc=False):
     """A buffered row with what the service adds to it. `seq` orders writes: the entry
-    with the higher seq was accepted later and wins."""
+    with the higher seq was accepted later and wins. `first_seq` is the oldest write
+    merged into it: the journal keeps every record from there on until it is written."""
 
     row: Any  # SessionIn | TaskIn
     created_at: datetime
     updated_at: datetime
     seq: int
     held_since: float = 0.0  # trio clock, for tasks waiting for their session
+    first_seq: int = 0
+    size: int = 0  # request bytes, for the buffer's byte limit
 
 
 OPTIONAL_FIELDS = {
@@ -753,12 +781,20 @@ def combine(a: Entry, b: Entry) -> Entry:
             setattr(newer.row, name, getattr(older.row, name))
     newer.created_at = older.created_at
     newer.held_since = older.held_since or newer.held_since
+    newer.first_seq = min(older.first_seq, newer.first_seq)
+    newer.size = max(older.size, newer.size)
     return newer
 
 
-def put(rows: dict[str, Entry], key: str, entry: Entry) -> None:
+def put(rows: dict[str, Entry], key: str, entry: Entry) -> int:
+    """Store `entry`, merged with the row's earlier state; returns the change in bytes."""
     old = rows.get(key)
-    rows[key] = entry if old is None else combine(old, entry)
+    if old is None:
+        rows[key] = entry
+        return entry.size
+    before = old.size
+    rows[key] = combine(old, entry)
+    return rows[key].size - before
 
 
 class Snapshot(NamedTuple):
@@ -784,10 +820,14 @@ class Buffer:
     snapshot the flusher is writing or will retry), or `held` (tasks whose session is not
     in the database yet, grouped by session id). A failed snapshot is retried as it was,
     before anything newer, so the newer pending state still wins when it is written after.
+
+    It also knows which journal records are still needed: every record from the oldest
+    write merged into an unwritten row on (`floor()`), and their size.
     """
 
-    def __init__(self, cfg: BufferConfig) -> None:
+    def __init__(self, cfg: BufferConfig, journal_max_bytes: float = math.inf) -> None:
         self.cfg = cfg
+        self.journal_max_bytes = journal_max_bytes
         self.sessions: dict[str, Entry] = {}
         self.tasks: dict[str, Entry] = {}
         self.held: dict[str, dict[str, Entry]] = {}
@@ -796,8 +836,14 @@ class Buffer:
         self.retry_at = math.inf
         self.failures = 0
         self.first_pending_at = math.inf
-        self.seq = 0
-        self.durable_seq = 0
+        self.seq = 0  # the last seq given out, or replayed
+        self.durable_seq = 0  # every write up to here is in the database
+        self.bytes = 0  # request bytes of every row in memory
+        self.refusing = False  # over a limit, and not yet below the low watermark
+        self.records: collections.deque[tuple[int, int]] = collections.deque()  # (seq, bytes) in the journal
+        self.journal_bytes = 0
+        self.released = 0  # the floor the journal was last told
+        self.replayed_to = math.inf  # while a replay runs: the last record it handed over
         self.draining = False
         self.last_flush: datetime | None = None
         self.last_error: str | None = None
@@ -815,27 +861,76 @@ class Buffer:
             s, t = s + len(self.in_flight.sessions), t + len(self.in_flight.tasks)
         return s, t
 
-    def has_room(self, rows: int) -> bool:
-        return sum(self.counts()) + rows <= self.cfg.max_rows
+    def has_room(self, rows: int, nbytes: int) -> bool:
+        """Whether a batch of `rows` rows and `nbytes` request bytes may be accepted. Once
+        a limit is reached, nothing is until rows, bytes and journal are all below the
+        low watermark: clients back off instead of filling every gap a flush opens."""
+        used = ((sum(self.counts()), self.cfg.max_rows), (self.bytes, self.cfg.max_bytes),
+                (self.journal_bytes, self.journal_max_bytes))
+        if self.refusing:
+            self.refusing = any(n > LOW_WATERMARK * limit for n, limit in used)
+        if not self.refusing:
+            self.refusing = any(n + more > limit for (n, limit), more in zip(used, (rows, nbytes, nbytes)))
+        return not self.refusing
 
     # writes
-    def write(self, key: str, rows: list, at: datetime, now: float) -> int:
-        self.seq += 1
+    def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int, seq: int = 0) -> int:
+        """Take a batch (`seq`: a journal record's, when it is replayed); returns its seq."""
+        if not seq:
+            seq = self.seq + 1
+        self.seq = max(self.seq, seq)
         if not (self.sessions or self.tasks):
             self.first_pending_at = now
+        size = nbytes // max(len(rows), 1)
+        grew = 0
         if key == "sessions":
             for row in rows:
-                put(self.sessions, row.session_id, Entry(row, at, at, self.seq))
+                grew += put(self.sessions, row.session_id, Entry(row, at, at, seq, 0.0, seq, size))
                 for task_id, entry in self.held.pop(row.session_id, {}).items():
-                    put(self.tasks, task_id, entry)
+                    grew += put(self.tasks, task_id, entry) - entry.size
         else:
             for row in rows:
                 group = self.held.get(row.session_id)
                 if group is not None:
-                    put(group, row.task_id, Entry(row, at, at, self.seq, now))
+                    grew += put(group, row.task_id, Entry(row, at, at, seq, now, seq, size))
                 else:
-                    put(self.tasks, row.task_id, Entry(row, at, at, self.seq))
+                    grew += put(self.tasks, row.task_id, Entry(row, at, at, seq, 0.0, seq, size))
+        self.bytes += grew
+        return seq
+
+    def forget_seq(self) -> int:
+        """A seq for a deleted session's journal record: writes before it are void."""
+        self.seq += 1
         return self.seq
+
+    # the journal
+    def replay_done(self, last_seq: int) -> None:
+        """Every unreleased record is replayed; new writes go on after the journal's last."""
+        self.replayed_to = math.inf
+        self.seq = max(self.seq, last_seq)
+
+    def journaled(self, seq: int, nbytes: int) -> None:
+        self.records.append((seq, nbytes))
+        self.journal_bytes += nbytes
+
+    def floor(self) -> int:
+        """The oldest journal record still needed: every row not yet written keeps the
+        records of its writes since it was last written."""
+        groups = [self.sessions, self.tasks, *self.held.values()]
+        if self.in_flight is not None:
+            groups += [self.in_flight.sessions, self.in_flight.tasks]
+        floor = min((e.first_seq for group in groups for e in group.values()), default=self.seq + 1)
+        return min(floor, self.replayed_to + 1)  # records not replayed yet are needed too
+
+    def release(self) -> int | None:
+        """The new floor for the journal, when it has moved."""
+        floor = self.floor()
+        if floor <= self.released:
+            return None
+        self.released = floor
+        while self.records and self.records[0][0] < floor:
+            self.journal_bytes -= self.records.popleft()[1]
+        return floor
 
     # flushing
     def take_snapshot(self, now: float) -> Snapshot | None:
@@ -850,7 +945,8 @@ class Buffer:
             if not pending:
                 return None
             due = now >= self.first_pending_at + self.cfg.flush_interval
-            if not (due or self.draining or self.waiters or pending >= self.cfg.flush_rows):
+            # Over a limit, batches are refused until a flush makes room: that flush is due now.
+            if not (due or self.draining or self.waiters or self.refusing or pending >= self.cfg.flush_rows):
                 return None
             if len(self.tasks) <= SNAPSHOT_MAX_ROWS:
                 tasks, self.tasks = self.tasks, {}
@@ -890,16 +986,17 @@ class Buffer:
         self.durable_seq = snapshot.seq
         self.failures, self.retry_at, self.last_error = 0, math.inf, None
         self.last_flush = utc_now()
+        self.bytes -= sum(e.size for rows in (snapshot.sessions, snapshot.tasks) for e in rows.values())
         forgotten = {f[1]: f[3] for f in self.forgetting}
         for entry in held:
             session_id = entry.row.session_id
             if session_id in forgotten:
                 forgotten[session_id].append(entry.row.task_id)
             elif session_id in self.sessions:
-                put(self.tasks, entry.row.task_id, entry)
+                self.bytes += put(self.tasks, entry.row.task_id, entry)
             else:
                 entry.held_since = entry.held_since or now
-                put(self.held.setdefault(session_id, {}), entry.row.task_id, entry)
+                self.bytes += put(self.held.setdefault(session_id, {}), entry.row.task_id, entry)
         for waiter in self.waiters:
             waiter.sessions_written += sessions
             waiter.tasks_written += tasks
@@ -927,6 +1024,7 @@ class Buffer:
                 expired.append(group.pop(task_id))
             if not group:
                 del self.held[session_id]
+        self.bytes -= sum(e.size for e in expired)
         return expired
 
     def oldest_held(self, now: float) -> float | None:
@@ -948,11 +1046,15 @@ class Buffer:
         due once no snapshot with its older rows is in flight: the database delete that
         follows cannot be overtaken by them, and tasks of it that come back from that
         snapshot held are dropped too."""
-        had_session = self.sessions.pop(session_id, None) is not None
+        session = self.sessions.pop(session_id, None)
+        had_session = session is not None
+        self.bytes -= session.size if session else 0
         dropped = [k for k, e in self.tasks.items() if e.row.session_id == session_id]
         for task_id in dropped:
-            del self.tasks[task_id]
-        dropped.extend(self.held.pop(session_id, {}))
+            self.bytes -= self.tasks.pop(task_id).size
+        held = self.held.pop(session_id, {})
+        self.bytes -= sum(e.size for e in held.values())
+        dropped.extend(held)
         if self.in_flight is None:
             return [(reply, (had_session, dropped))]
         had_session = had_session or session_id in self.in_flight.sessions
@@ -974,6 +1076,7 @@ class Buffer:
         rows += [("translation_tasks", e) for e in self.tasks.values()]
         rows += [("translation_tasks", e) for g in self.held.values() for e in g.values()]
         self.sessions, self.tasks, self.held, self.in_flight = {}, {}, {}, None
+        self.bytes = 0
         return sorted(rows, key=lambda row: row[1].seq)
 
     def next_wakeup(self) -> float:
@@ -984,13 +1087,177 @@ class Buffer:
         return self.first_pending_at + self.cfg.flush_interval
 
 
+# ── the journal: accepted batches on disk until the database has them ───────────────
+# Segment files <state dir>/journal/<number>.journal, only ever appended to. A record is
+#   header: payload length (u32), CRC-32 of seq, kind and payload (u32), seq (u64), kind (u8)
+#   payload: SESSIONS_BATCH / TASKS_BATCH: accept time (µs since the epoch, i64) + request body
+#            FORGET: a deleted session's id; its rows in records before this one are void
+#            RELEASED: every record below this seq (u64) is in the database (the record's seq is 0)
+# A segment is deleted once every record in it is released. Replay reads the segments in
+# order and applies each batch still needed as it was accepted, so each key ends at its
+# last acknowledged write.
+
+RECORD = struct.Struct("<IIQB")
+SEQ_KIND = struct.Struct("<QB")
+MICROS = struct.Struct("<q")
+FLOOR = struct.Struct("<Q")
+SESSIONS_BATCH, TASKS_BATCH, FORGET, RELEASED = 1, 2, 3, 4
+BATCH_KINDS = {"sessions": SESSIONS_BATCH, "tasks": TASKS_BATCH}
+SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+REPLAY_WAIT_S = 0.1  # replay waits this long for room when its backlog fills the buffer
+
+
+def frame(seq: int, kind: int, parts: tuple[bytes, ...]) -> list[bytes]:
+    """A record as the pieces to write: header, then the payload's parts."""
+    crc = zlib.crc32(SEQ_KIND.pack(seq, kind))
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [RECORD.pack(sum(map(len, parts)), crc, seq, kind), *parts]
+
+
+def micros(at: datetime) -> bytes:
+    return MICROS.pack((at - EPOCH) // timedelta(microseconds=1))
+
+
+class Journal:
+    """The write-ahead journal's files. Every method blocks on the disk: the journal
+    actor calls them in a worker thread, one at a time, and `run()` before the actors."""
+
+    def __init__(self, path: Path, cfg: JournalConfig) -> None:
+        self.path, self.mode = path, cfg.mode
+        self.segment_bytes = min(SEGMENT_MAX_BYTES, cfg.max_bytes // 8)
+        self.segments: list[tuple[Path, int]] = []  # (file, last seq in it), oldest first
+        self.fd: int | None = None  # the last segment, while it is appended to
+        self.size = 0  # its bytes
+        self.number = 0  # of the last segment
+        self.last_seq = 0
+        self.floor = 0  # records below it were released before the last stop
+        self.forgotten: dict[str, int] = {}  # deleted session id → seq of the deletion
+        self.kept_aside = 0  # bad tails moved to <journal>/corrupt/
+
+    def open(self) -> None:
+        """Check every record of every segment, move a torn or corrupt tail aside, and
+        learn the release floor, the last seq and the deletions, for `replay()`."""
+        (self.path / "corrupt").mkdir(parents=True, exist_ok=True)
+        for segment in sorted(self.path.glob("*.journal")):
+            last = 0
+            for seq, kind, payload in self._records(segment, keep_aside=True):
+                last = max(last, seq)
+                if kind == FORGET:
+                    self.forgotten[payload.decode()] = seq
+                elif kind == RELEASED:
+                    self.floor = max(self.floor, FLOOR.unpack(payload)[0])
+            self.segments.append((segment, last))
+            self.last_seq = max(self.last_seq, last)
+            self.number = max(self.number, int(segment.stem))
+
+    def replay(self) -> typing.Iterator[tuple[int, int, bytes]]:
+        """The batches not released yet, oldest first, read one at a time."""
+        for segment, last in list(self.segments):
+            if last < self.floor:  # released, or release marks only: it may be deleted meanwhile
+                continue
+            for seq, kind, payload in self._records(segment, keep_aside=False):
+                if kind in (SESSIONS_BATCH, TASKS_BATCH) and seq >= self.floor:
+                    yield seq, kind, payload
+
+    def batch(self, seq: int, kind: int, payload: bytes) -> tuple[str, list, datetime, int]:
+        """A replayed batch as it was accepted: (key, rows, accept time, request bytes),
+        without the rows of sessions deleted after it."""
+        key = "sessions" if kind == SESSIONS_BATCH else "tasks"
+        at = EPOCH + timedelta(microseconds=MICROS.unpack_from(payload)[0])
+        rows = decode_batch(key, payload[MICROS.size:])
+        return key, [row for row in rows if self.forgotten.get(row.session_id, 0) < seq], at, len(payload) - MICROS.size
+
+    def _records(self, segment: Path, keep_aside: bool) -> typing.Iterator[tuple[int, int, bytes]]:
+        with open(segment, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            offset = 0
+            while offset < end:
+                header = f.read(RECORD.size)
+                if len(header) < RECORD.size:
+                    break
+                length, crc, seq, kind = RECORD.unpack(header)
+                if length > end - offset - RECORD.size:
+                    break
+                payload = f.read(length)
+                if crc != zlib.crc32(payload, zlib.crc32(SEQ_KIND.pack(seq, kind))):
+                    break
+                yield seq, kind, payload
+                offset += RECORD.size + length
+        if offset < end and keep_aside:
+            self._keep_aside(segment, offset, end)
+
+    def _keep_aside(self, segment: Path, offset: int, end: int) -> None:
+        """A record that is cut short or fails its checksum ends what can be trusted of
+        its segment: that tail is copied to corrupt/ and cut off."""
+        aside = self.path / "corrupt" / f"{segment.name}.{offset}"
+        with open(segment, "r+b") as f:
+            f.seek(offset)
+            aside.write_bytes(f.read())
+            f.truncate(offset)
+            os.fsync(f.fileno())
+        self.kept_aside += 1
+        log.error("journal %s: %d bytes from offset %d are torn or corrupt; moved to %s",
+                  segment.name, end - offset, offset, aside)
+
+    def commit(self, records: list[tuple[int, int, tuple[bytes, ...]]], floor: int | None) -> None:
+        """Delete the segments released below `floor`, then append `records` and, in
+        fsync mode, make them durable: one write and one fsync for all of them."""
+        if floor is not None:
+            self._release(floor)
+            if self.segments:
+                records = [*records, (0, RELEASED, (FLOOR.pack(floor),))]
+        if not records:
+            return
+        if self.fd is None:
+            self.number += 1
+            segment = self.path / f"{self.number:012d}.journal"
+            self.fd = os.open(segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self.segments.append((segment, 0))
+            self.size = 0
+            self._sync_dir()
+        data = b"".join(part for record in records for part in frame(*record))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        if self.mode == "fsync":
+            os.fdatasync(self.fd)
+        self.size += len(data)
+        segment, last = self.segments[-1]
+        self.segments[-1] = (segment, max(last, *(seq for seq, _, _ in records)))
+        if self.size >= self.segment_bytes:
+            self.close()
+
+    def _release(self, floor: int) -> None:
+        while self.segments and self.segments[0][1] < floor:
+            segment, _ = self.segments.pop(0)
+            if not self.segments:
+                self.close()
+            segment.unlink()
+            self._sync_dir()  # oldest first, each durable: an older record never outlives a newer one
+
+    def _sync_dir(self) -> None:
+        if self.mode == "fsync":
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class DeadLetters:
     """Rows that could not be written, as JSON lines with a reason each: never dropped."""
 
     def __init__(self, path: Path, metrics: Metrics) -> None:
         self.path, self.metrics = path, metrics
 
-    def write(self, reason: str, rows: list[tuple[str, Entry]]) -> None:
+    def write(self, reason: str, rows: list[tuple[str, Entry]], error: str | None = None) -> None:
         if not rows:
             return
         at = utc_now()
@@ -998,11 +1265,24 @@ class DeadLetters:
             for table, e in rows:
                 record = {"reason": reason, "at": at, "table": table, "row": e.row,
                           "created_at": e.created_at, "updated_at": e.updated_at}
+                if error is not None:
+                    record["error"] = error
                 f.write(msgspec.json.encode(record) + b"\n")
             f.flush()
             os.fsync(f.fileno())
         self.metrics.dead_letters.labels(reason).inc(len(rows))
         log.error("%d rows moved to %s: %s", len(rows), self.path, reason)
+
+    def write_body(self, reason: str, table: str, body: bytes, error: str) -> None:
+        """A journal record that no longer decodes (a later version validates more)."""
+        record = {"reason": reason, "at": utc_now(), "table": table, "error": error,
+                  "body": body.decode(errors="replace")}
+        with open(self.path, "ab") as f:
+            f.write(msgspec.json.encode(record) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.metrics.dead_letters.labels(reason).inc()
+        log.error("a journal record of %s moved to %s: %s", table, self.path, reason)
 
 
 # ── storage: MySQL ───────────────────────────────────────────────────────────────────
@@ -1029,6 +1309,20 @@ def _force_close(conn: trio_mysql.Connection) -> None:
 trio_mysql.connections.Connection._force_close = _force_close
 trio_mysql.connections.Connection.__del__ = _force_close
 ER_BAD_DB_ERROR = 1049
+# Errors that refuse a row for what it holds: retrying cannot help, the row goes to the
+# dead-letter file and the rest is written. Any other error is the database's state (lost
+# connection, deadlock, lock wait, disk full, ...) and the whole flush is retried.
+# Validation at the door should leave none of these; a constraint or trigger added by an
+# operator can still refuse rows.
+ROW_REFUSED = frozenset({
+    1048,  # column cannot be null
+    1062,  # duplicate entry (a unique key beside the primary one)
+    1264, 1265, 1292, 1366, 1406, 1690,  # value out of range, truncated, incorrect, too long
+    1451, 1452,  # foreign key
+    1644,  # SIGNAL from a trigger
+    3140,  # invalid JSON (MySQL)
+    3819, 4025,  # CHECK constraint (MySQL, MariaDB)
+})
 NEEDS_ESCAPE = re.compile("[\0\\\\\n\r\x1a'\"]")
 
 
@@ -1134,20 +1428,40 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
                 for statement in await trio.to_thread.run_sync(upsert_statements, table, part):
                     await statements.send(statement)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(build)
-        async with ready:
-            async for statement in ready:
-                await conn.query(statement)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(build)
+            async with ready:
+                async for statement in ready:
+                    await conn.query(statement)
+    except* DB_ERRORS as group:  # the nursery wraps what its body raised; callers expect it bare
+        raise group.exceptions[0] from None
 
 
-async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> tuple[int, int, list[Entry]]:
+async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> list[tuple[Entry, str]]:
+    """upsert(), keeping out the rows the database refuses for what they hold. A refused
+    statement is undone alone and the transaction goes on, so the rows are tried again
+    in halves until each refused row stands alone. Returns those with the reason."""
+    try:
+        await upsert(conn, table, entries)
+        return []
+    except trio_mysql.MySQLError as exc:
+        if not (exc.args and exc.args[0] in ROW_REFUSED):
+            raise
+        if len(entries) == 1:
+            return [(entries[0], f"{exc.args[0]}: {exc.args[1]}")]
+    half = len(entries) // 2
+    return await upsert_isolating(conn, table, entries[:half]) + await upsert_isolating(conn, table, entries[half:])
+
+
+async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> Written:
     """One transaction: sessions, then the tasks whose session exists. Returns the counts
-    written and the tasks held back because their session is not in the database."""
+    written, the tasks held back because their session is not in the database, and the
+    rows the database refused."""
     await conn.query("BEGIN")
-    await upsert(conn, SESSIONS, list(snapshot.sessions.values()))
+    refused_sessions = await upsert_isolating(conn, SESSIONS, list(snapshot.sessions.values()))
     tasks = list(snapshot.tasks.values())
-    unknown = {e.row.session_id for e in tasks} - snapshot.sessions.keys()
+    unknown = {e.row.session_id for e in tasks} - (snapshot.sessions.keys() - {e.row.session_id for e, _ in refused_sessions})
     held: list[Entry] = []
     if unknown:
         async with conn.cursor() as cursor:
@@ -1158,9 +1472,10 @@ async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> tup
         if missing:
             held = [e for e in tasks if e.row.session_id in missing]
             tasks = [e for e in tasks if e.row.session_id not in missing]
-    await upsert(conn, TASKS, tasks)
+    refused_tasks = await upsert_isolating(conn, TASKS, tasks)
     await conn.query("COMMIT")
-    return len(snapshot.sessions), len(tasks), held
+    return Written(len(snapshot.sessions) - len(refused_sessions), len(tasks) - len(refused_tasks), held,
+                   [(SESSIONS.name, e, why) for e, why in refused_sessions] + [(TASKS.name, e, why) for e, why in refused_tasks])
 
 
 async def ensure_schema(conn: trio_mysql.Connection) -> None:
@@ -1424,7 +1739,7 @@ class Database:
                 server.close()
             return await self._open(**self.params)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def connection(self) -> typing.AsyncIterator[trio_mysql.Connection]:
         async with self._limiter:
             conn = self._idle.pop() if self._idle else await self.connect()
@@ -1456,15 +1771,30 @@ class Database:
 # ── messages between actors ──────────────────────────────────────────────────────────
 
 
-class Write(NamedTuple):  # http → buffer; answered True (taken) or False (buffer full)
+class Write(NamedTuple):  # http → buffer; answered True (taken, and journaled) or False (full)
     key: str
     rows: list
+    body: bytes  # as received: the journal's record of the batch
     at: datetime
     reply: trio.MemorySendChannel
 
 
-class Room(NamedTuple):  # http → buffer; answered whether `rows` more would fit
+class Replayed(NamedTuple):  # replay → buffer: a journal record; answered True
+    key: str
+    rows: list
+    nbytes: int
+    at: datetime
+    seq: int
+    reply: trio.MemorySendChannel
+
+
+class ReplayDone(NamedTuple):  # replay → buffer: every unreleased record was handed over
+    last_seq: int  # the journal's: new writes go on from there
+
+
+class Room(NamedTuple):  # http, replay → buffer; answered whether a batch this big would fit
     rows: int
+    nbytes: int
     reply: trio.MemorySendChannel
 
 
@@ -1502,16 +1832,33 @@ class Written(NamedTuple):  # flusher → buffer
     sessions: int
     tasks: int
     held: list[Entry]
+    refused: list[tuple[str, Entry, str]]  # (table, row, the database's reason)
 
 
 class Failed(NamedTuple):  # flusher → buffer
     error: str
 
 
+class Append(NamedTuple):  # buffer → journal
+    seq: int
+    kind: int
+    parts: tuple[bytes, ...]  # the payload
+
+
+class Release(NamedTuple):  # buffer → journal: records below `floor` are no longer needed
+    floor: int
+
+
+class Sync(NamedTuple):  # buffer → journal; `reply` gets `value` once all appended before is durable
+    reply: trio.MemorySendChannel
+    value: Any
+
+
 class BufferStatus(NamedTuple):
     health: BufferHealth
     held_tasks: int
     last_error: str | None
+    journal_bytes: int
 
 
 async def ask_buffer(to_buffer: trio.MemorySendChannel, message: typing.Callable[..., Any], *args: Any,
@@ -1547,7 +1894,7 @@ def buffer_status(buf: Buffer, now: float) -> BufferStatus:
         capacity=buf.cfg.max_rows, usage_percent=round(100 * (sessions + tasks) / buf.cfg.max_rows, 1),
         last_flush=buf.last_flush, tasks_waiting_for_session=held,
         oldest_waiting_seconds=None if oldest is None else round(oldest, 3))
-    return BufferStatus(health, held, buf.last_error)
+    return BufferStatus(health, held, buf.last_error, buf.journal_bytes)
 
 
 # ── HTTP ─────────────────────────────────────────────────────────────────────────────
@@ -1622,8 +1969,9 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         return await api_error(ApiError(500, "INTERNAL_ERROR", "Internal server error"))
 
     def buffer_full(key: str) -> ApiError:
-        error = ApiError(503, "BUFFER_FULL", "The buffer is full; retry later",
-                         [(key, f"at most {cfg.buffer.max_rows} rows may wait for the database")])
+        error = ApiError(503, "BUFFER_FULL", "The buffer is full; retry later", [(key, (
+            f"at most {cfg.buffer.max_rows} rows and {cfg.buffer.max_bytes} bytes may wait for the database"
+            f", and {cfg.journal.max_bytes} bytes in the journal"))])
         error.headers["Retry-After"] = str(math.ceil(cfg.buffer.flush_interval))
         return error
 
@@ -1633,11 +1981,11 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         # milliseconds of the event loop that the flusher needs to make room. Counting the
         # id key can only overestimate the rows; the exact check follows the decoding.
         rows_at_most = min(body.count(b'"%s_id"' % key[:-1].encode()), MAX_BATCH_ROWS)
-        if not await ask(Room, rows_at_most):
+        if not await ask(Room, rows_at_most, len(body)):
             raise buffer_full(key)
         rows = decode_batch(key, body)
         at = utc_now()
-        if not await ask(Write, key, rows, at):
+        if not await ask(Write, key, rows, body, at):
             raise buffer_full(key)
         return json_response(202, Accepted("accepted", len(rows), at))
 
@@ -1799,6 +2147,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         metrics.buffer_size.labels("session").set(status.health.sessions_count)
         metrics.buffer_size.labels("task").set(status.health.tasks_count)
         metrics.held_tasks.set(status.held_tasks)
+        metrics.journal_bytes.set(status.journal_bytes)
         metrics.held_oldest.set(status.health.oldest_waiting_seconds or 0)
         return Response(prometheus_client.generate_latest(metrics.registry), content_type=PROMETHEUS_CONTENT_TYPE)
 
@@ -1829,18 +2178,31 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Databas
 
 
 async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio.MemorySendChannel,
-                       dead_letters: DeadLetters) -> None:
+                       journal: trio.MemorySendChannel | None, dead_letters: DeadLetters) -> None:
     """Owns every unflushed row. Decides when to flush and when to retry (capped, jittered
-    exponential backoff, forever: accepted rows are never dropped). On Drain it flushes
-    what is left; rows that still cannot be written by `shutdown_timeout` go to the
-    dead-letter file."""
-    buf = Buffer(cfg.buffer)
+    exponential backoff, forever: accepted rows are never dropped). Each batch goes to the
+    journal and is answered once the journal has it; the journal is told which records
+    are no longer needed as rows are written. On Drain it flushes what is left until
+    `shutdown_timeout`; what is still unwritten then stays in the journal for the next
+    start (without a journal it goes to the dead-letter file)."""
+    buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes)
+    if journal is not None:
+        buf.replayed_to = 0  # nothing may be released before the replay has handed it over
     sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
     next_sweep = trio.current_time() + sweep_every
     drain_deadline = math.inf
     attempt = trio.CancelScope()  # the job the flusher has, or had last
-    async with inbox, jobs:
+
+    def reply_durably(reply: trio.MemorySendChannel, value: Any) -> None:
+        """Answers promise what the journal has: they leave after its next fsync."""
+        if journal is None:
+            answer(reply, value)
+        else:
+            journal.send_nowait(Sync(reply, value))
+
+    async with inbox, jobs, journal or contextlib.nullcontext():
         while True:
+            settled = False  # rows left memory: the journal may release records
             # While the flusher is busy its answer is what the drain waits for: the
             # deadline is then its attempt's, not a reason to stop listening.
             wakeup = min(buf.next_wakeup(), next_sweep, math.inf if buf.flusher_busy else drain_deadline)
@@ -1848,27 +2210,47 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                 message = await inbox.receive()
                 now = trio.current_time()
                 match message:
-                    case Write(key, rows, at, reply):
-                        taken = buf.has_room(len(rows))
-                        if taken:
-                            buf.write(key, rows, at, now)
-                        answer(reply, taken)
-                    case Room(rows, reply):
-                        answer(reply, buf.has_room(rows))
+                    case Write(key, rows, body, at, reply):
+                        if not buf.has_room(len(rows), len(body)):
+                            answer(reply, False)
+                        elif journal is None:
+                            buf.write(key, rows, at, now, len(body))
+                            answer(reply, True)
+                        else:
+                            seq = buf.write(key, rows, at, now, len(body))
+                            buf.journaled(seq, RECORD.size + MICROS.size + len(body))
+                            journal.send_nowait(Append(seq, BATCH_KINDS[key], (micros(at), body)))
+                            journal.send_nowait(Sync(reply, True))
+                    case Replayed(key, rows, nbytes, at, seq, reply):
+                        buf.write(key, rows, at, now, nbytes, seq)
+                        buf.journaled(seq, RECORD.size + MICROS.size + nbytes)
+                        buf.replayed_to = seq
+                        answer(reply, True)
+                    case ReplayDone(last_seq):
+                        buf.replay_done(last_seq)
+                        settled = True
+                    case Room(rows, nbytes, reply):
+                        answer(reply, buf.has_room(rows, nbytes))
                     case Flush(waiter):
                         if not buf.request_flush(waiter):
                             answer(waiter.reply, waiter)
                     case Status(reply):
                         answer(reply, buffer_status(buf, now))
-                    case Written(sessions, tasks, held):
+                    case Written(sessions, tasks, held, refused):
+                        for table, entry, error in refused:
+                            dead_letters.write("refused_by_database", [(table, entry)], error)
                         for reply, value in buf.written(sessions, tasks, held, now):
-                            answer(reply, value)
+                            reply_durably(reply, value)
+                        settled = True
                     case Lookup(key, row_id, reply):
                         answer(reply, [msgspec.structs.replace(e, row=msgspec.structs.replace(e.row))
                                        for e in buf.lookup(key, row_id)])
                     case Forget(session_id, reply):
+                        if journal is not None:
+                            journal.send_nowait(Append(buf.forget_seq(), FORGET, (session_id.encode(),)))
                         for due, value in buf.forget(session_id, reply):
-                            answer(due, value)
+                            reply_durably(due, value)
+                        settled = True
                     case Failed(error):
                         delay = buf.failed(error, now)
                         log.warning("flush failed, retrying in %.1f s: %s", delay, error)
@@ -1879,16 +2261,44 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
             now = trio.current_time()
             if now >= next_sweep:
                 next_sweep = now + sweep_every
-                dead_letters.write("orphan_ttl_expired",
-                                   [("translation_tasks", e) for e in buf.expire_orphans(now)])
+                expired = buf.expire_orphans(now)
+                dead_letters.write("orphan_ttl_expired", [("translation_tasks", e) for e in expired])
+                settled = settled or bool(expired)
+            if settled and journal is not None and (floor := buf.release()) is not None:
+                journal.send_nowait(Release(floor))
             if buf.draining and not buf.flusher_busy and (buf.idle() or now >= drain_deadline):
                 break
             snapshot = buf.take_snapshot(now)
             if snapshot is not None:
                 attempt = trio.CancelScope(deadline=min(now + cfg.database.write_timeout, drain_deadline))
                 jobs.send_nowait(Job(snapshot, attempt))
-        reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
-        dead_letters.write(reason, buf.take_all())
+        if journal is None:
+            reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
+            dead_letters.write(reason, buf.take_all())
+        elif sum(buf.counts()):
+            log.warning("%d rows stay in the journal for the next start: %s", sum(buf.counts()),
+                        "their session has not arrived" if buf.idle() else "the database cannot be reached")
+
+
+async def journal_actor(journal: Journal, inbox: trio.MemoryReceiveChannel) -> None:
+    """Appends what the buffer sends and answers each Sync once everything before it is
+    on disk: one write and one fsync for all that arrived while the last one ran (group
+    commit). A journal that cannot be written stops the daemon: it can promise nothing."""
+    async with inbox:
+        async for message in inbox:
+            group = [message]
+            while True:
+                try:
+                    group.append(inbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            records = [m for m in group if isinstance(m, Append)]
+            floor = max((m.floor for m in group if isinstance(m, Release)), default=None)
+            await trio.to_thread.run_sync(journal.commit, records, floor)
+            for m in group:
+                if isinstance(m, Sync):
+                    answer(m.reply, m.value)
+    journal.close()
 
 
 async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel,
@@ -1913,7 +2323,7 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
                     if conn is None:
                         conn = await db.connect(create=True)
                         await ensure_schema(conn)
-                    outcome = Written(*await write_snapshot(conn, snapshot))
+                    outcome = await write_snapshot(conn, snapshot)
                 except DB_ERRORS as exc:
                     outcome = Failed(f"{type(exc).__name__}: {exc}")
             if outcome is None:
@@ -1966,20 +2376,56 @@ async def janitor_run(cfg: Config, db: Database, stop: trio.Event) -> None:
 # ── run() and the command line ───────────────────────────────────────────────────────
 
 
+async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_letters: DeadLetters,
+                 metrics: Metrics) -> None:
+    """Hand the journal's unreleased batches to the buffer as they were accepted, one
+    record at a time, waiting for room when the backlog is larger than the buffer."""
+    records = journal.replay()
+    replayed = 0
+    while (record := await trio.to_thread.run_sync(next, records, None)) is not None:
+        seq, kind, payload = record
+        try:
+            key, rows, at, nbytes = journal.batch(seq, kind, payload)
+        except ApiError as exc:
+            table = SESSIONS.name if kind == SESSIONS_BATCH else TASKS.name
+            dead_letters.write_body("refused_at_replay", table, payload[MICROS.size:], exc.body().decode())
+            continue
+        while not await ask_buffer(to_buffer, Room, len(rows), nbytes):
+            await trio.sleep(REPLAY_WAIT_S)
+        await ask_buffer(to_buffer, Replayed, key, rows, nbytes, at, seq)
+        replayed += len(rows)
+    await to_buffer.send(ReplayDone(journal.last_seq))
+    metrics.replayed_rows.inc(replayed)
+    if replayed:
+        log.info("journal: %d rows replayed", replayed)
+
+
 async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """The whole daemon until `stop` is set and everything is written. Reports the bound
-    port through `task_status`, so tests can start it in-process on port 0."""
+    """The whole daemon until `stop` is set and everything is written. Replays the journal
+    before it listens; reports the bound port through `task_status`, so tests can start
+    it in-process on port 0."""
     state_dir = Path(cfg.state.dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     db = Database(cfg.database)
     dead_letters = DeadLetters(state_dir / "dead-letter.jsonl", metrics)
+    journal = None
+    if cfg.journal.mode != "off":
+        journal = Journal(state_dir / "journal", cfg.journal)
+        await trio.to_thread.run_sync(journal.open)
+        metrics.journal_kept_aside.inc(journal.kept_aside)
     to_buffer, buffer_inbox = trio.open_memory_channel(INBOX_SIZE)
     to_flusher, flusher_inbox = trio.open_memory_channel(1)
+    # Unbounded: every message in it stands for rows the buffer already counts against its limits.
+    to_journal, journal_inbox = trio.open_memory_channel(math.inf) if journal else (None, None)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flusher_actor, db, flusher_inbox, to_buffer.clone(), metrics)
-            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, dead_letters)
+            if journal is not None:
+                nursery.start_soon(journal_actor, journal, journal_inbox)
+            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters)
+            if journal is not None:
+                await replay(journal, to_buffer, dead_letters, metrics)
             nursery.start_soon(janitor_actor, cfg, db, to_buffer.clone(), stop)
             port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
             task_status.started(port)
@@ -2016,6 +2462,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         trio.run(serve_until_signalled, cfg)
-    except* OSError as group:  # e.g. the port is taken, the state dir cannot be created
-        print(f"persistd: {group.exceptions[0]}", file=sys.stderr)
+    except* OSError as group:  # e.g. the port is taken, the state dir or the journal cannot be written
+        error = group
+        while isinstance(error, BaseExceptionGroup):  # nurseries inside nurseries
+            error = error.exceptions[0]
+        print(f"persistd: {error}", file=sys.stderr)
         sys.exit(1)

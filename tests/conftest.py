@@ -113,7 +113,7 @@ class BufferAlone:
         self.dead_letters = DeadLetters(tmp_path / "dead.jsonl", Metrics())
 
     def start(self, nursery) -> "BufferAlone":
-        nursery.start_soon(buffer_actor, self.cfg, self.inbox, self.to_flusher, self.dead_letters)
+        nursery.start_soon(buffer_actor, self.cfg, self.inbox, self.to_flusher, None, self.dead_letters)
         return self
 
     async def ask(self, message_type, *args):
@@ -123,7 +123,7 @@ class BufferAlone:
 
     async def write(self, key: str, rows: list[dict], at) -> None:
         row_type = SessionIn if key == "sessions" else TaskIn
-        assert await self.ask(Write, key, [msgspec.convert(r, row_type) for r in rows], at)
+        assert await self.ask(Write, key, [msgspec.convert(r, row_type) for r in rows], b"", at)
 
 
 @pytest.fixture

@@ -171,7 +171,7 @@ async def test_delete_waits_for_the_flush_in_flight_before_it_is_answered(alone,
     await trio.sleep(1)
     with pytest.raises(trio.WouldBlock):
         replies.receive_nowait()
-    await alone.to_buffer.send(Written(1, 1, []))
+    await alone.to_buffer.send(Written(1, 1, [], []))
     assert await replies.receive() == (True, [])  # its session was in flight; nothing else buffered
 
 
@@ -202,7 +202,7 @@ async def test_delete_drops_tasks_that_return_held_from_the_flush_it_waited_for(
     reply, replies = trio.open_memory_channel(1)
     await alone.to_buffer.send(Forget("S", reply))  # DELETE /sessions/S while they are written
     # the flusher finds no session S in MySQL and hands the tasks back to be held
-    await alone.to_buffer.send(Written(0, 0, list(in_flight.tasks.values())))
+    await alone.to_buffer.send(Written(0, 0, list(in_flight.tasks.values()), []))
     await replies.receive()
     still_held = (await alone.ask(Status)).held_tasks
     await alone.write("sessions", [session("S")], AT)

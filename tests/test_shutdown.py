@@ -1,6 +1,7 @@
 """Shutdown of the real process (DESIGN.md "shutdown"): SIGTERM or SIGINT → stop accepting,
 finish in-flight requests, write everything out, exit 0. What cannot be written by
-shutdown_timeout goes to <state dir>/dead-letter.jsonl, never dropped silently.
+shutdown_timeout stays in the journal and the next start writes it; without a journal it
+goes to <state dir>/dead-letter.jsonl. Never dropped silently.
 
 persistd runs as `python -m persistd --config <toml>`; the load comes from concurrent
 client tasks here, each on its own connection."""
@@ -8,123 +9,21 @@ client tasks here, each on its own connection."""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-from contextlib import asynccontextmanager
-from functools import partial
 
 import httpx
-import msgspec
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DATABASE_URL, session, task
+from conftest import session, task
+from processes import encode, persistd_process, post
 from proxy import tcp_proxy
 
 SESSIONS = "/api/v1/translation/sessions/batch"
 TASKS = "/api/v1/translation/tasks/batch"
 FLUSH = "/api/v1/translation/flush"
 TASK_STATUSES = ("pending", "processing", "completed", "failed")
-START_TIMEOUT_S = 20
 EXIT_MARGIN_S = 3.0  # process teardown and scheduling slack on a loaded 2-core machine
-
-
-# ── a persistd process ───────────────────────────────────────────────────────────────
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def toml(sections: dict) -> str:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-class Process:
-    def __init__(self, proc: trio.Process, port: int, cfg: dict, log_path) -> None:
-        self.proc, self.port, self.cfg, self.log_path = proc, port, cfg, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.state_dir = cfg["state"]["dir"]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    async def wait_exit(self, timeout: float) -> tuple[int, float]:
-        """(exit code, seconds waited); fails (after killing it) if it outlives `timeout`."""
-        started = trio.current_time()
-        with trio.move_on_after(timeout):
-            code = await self.proc.wait()
-            return code, trio.current_time() - started
-        self.proc.kill()
-        await self.proc.wait()
-        pytest.fail(f"persistd still running {timeout:.1f} s after the signal\n--- log ---\n{self.log()[-4000:]}")
-
-    async def accepts_connections(self) -> bool:
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-        except OSError:
-            return False
-        await stream.aclose()
-        return True
-
-
-@asynccontextmanager
-async def persistd_process(tmp_path, **sections):
-    """`python -m persistd --config <tmp>/persistd.toml` on a free port, healthy."""
-    port = free_port()
-    cfg = {
-        "server": {"port": port, "graceful_timeout": 1.0},
-        "database": {"url": DATABASE_URL, "connect_timeout": 2.0},
-        "buffer": {"flush_interval": 5.0, "shutdown_timeout": 10.0, "retry_max": 0.5},
-        "state": {"dir": str(tmp_path / "state")},
-    }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values}
-    config_path = tmp_path / "persistd.toml"
-    config_path.write_text(toml(cfg))
-    log_path = tmp_path / "persistd.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
-    with open(log_path, "wb") as log:
-        async with trio.open_nursery() as nursery:
-            proc = await nursery.start(partial(
-                trio.run_process, [sys.executable, "-m", "persistd", "--config", str(config_path)],
-                check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path)))
-            process = Process(proc, port, cfg, log_path)
-            await wait_healthy(process)
-            yield process
-            nursery.cancel_scope.cancel()  # kills it if a test left it running
-
-
-async def wait_healthy(process: Process) -> None:
-    async with httpx.AsyncClient(base_url=process.url, timeout=2) as client:
-        with trio.move_on_after(START_TIMEOUT_S):
-            while process.proc.returncode is None:
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.1)
-    pytest.fail(f"persistd did not become healthy (exit code {process.proc.returncode})\n{process.log()[-4000:]}")
-
-
-def encode(key: str, rows: list[dict]) -> bytes:
-    return msgspec.json.encode({key: rows})
-
-
-async def post(client: httpx.AsyncClient, path: str, rows_key: str, rows: list[dict]) -> httpx.Response:
-    return await client.post(path, content=encode(rows_key, rows), headers={"content-type": "application/json"})
 
 
 # ── signals under load ───────────────────────────────────────────────────────────────
@@ -248,13 +147,50 @@ def dead_letters(state_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-async def test_sigterm_while_database_unreachable_dead_letters_the_buffer(db, tmp_path):
+async def start_again_and_flush(tmp_path) -> None:
+    """The next start, on the state dir the last one left, with the database back."""
+    async with persistd_process(tmp_path) as process:
+        async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+            assert (await client.post(FLUSH)).status_code == 200
+        process.signal(signal.SIGTERM)
+        assert (await process.wait_exit(process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S))[0] == 0
+
+
+async def test_sigterm_while_database_unreachable_exits_0_and_the_next_start_writes_everything(db, tmp_path):
     """SIGTERM while the database is unreachable: persistd exits 0 within shutdown_timeout
-    (plus the grace for requests), and every buffered row it could not write is in
-    <state dir>/dead-letter.jsonl with its reason, table and row."""
+    (plus the grace for requests); what it could not write stays in the journal, not in
+    the dead-letter file, and the next start writes it all with its last state."""
     async with tcp_proxy() as proxy:
         async with persistd_process(tmp_path, database={"url": proxy.url()},
                                     buffer={"shutdown_timeout": 3.0}) as process:
+            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
+                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                assert (await post(client, TASKS, "tasks", [task("written")])).status_code == 202
+                assert (await client.post(FLUSH)).status_code == 200  # a first successful flush
+                late_tasks = [task(f"late-{i:03d}", row_index=i, status="completed") for i in range(100)]
+                assert (await post(client, TASKS, "tasks", late_tasks)).status_code == 202
+                assert (await post(client, SESSIONS, "sessions", [session(status="completed")])).status_code == 202
+            await proxy.cut()
+            process.signal(signal.SIGTERM)
+            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
+            code, elapsed = await process.wait_exit(bound)
+            assert code == 0, process.log()[-4000:]
+    assert not os.path.exists(os.path.join(process.state_dir, "dead-letter.jsonl"))
+    assert await db.query("SELECT task_id FROM translation_tasks") == (("written",),)
+
+    await start_again_and_flush(tmp_path)
+    rows = await db.query("SELECT task_id, status FROM translation_tasks ORDER BY task_id")
+    assert rows == tuple(sorted([(t["task_id"], "completed") for t in late_tasks] + [("written", "pending")]))
+    assert await db.query("SELECT status FROM translation_sessions") == (("completed",),)
+    assert [name for name in os.listdir(os.path.join(process.state_dir, "journal")) if name.endswith(".journal")] == []
+
+
+async def test_sigterm_while_database_unreachable_without_a_journal_dead_letters_the_buffer(db, tmp_path):
+    """The same with `[journal] mode = "off"`: every buffered row it could not write is in
+    <state dir>/dead-letter.jsonl with its reason, table and row."""
+    async with tcp_proxy() as proxy:
+        async with persistd_process(tmp_path, database={"url": proxy.url()},
+                                    buffer={"shutdown_timeout": 3.0}, journal={"mode": "off"}) as process:
             async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
                 assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
                 assert (await post(client, TASKS, "tasks", [task("written")])).status_code == 202
@@ -290,11 +226,12 @@ async def flush_errors(client: httpx.AsyncClient) -> float:
 
 
 async def test_dead_letter_file_ends_with_the_state_accepted_last(db, tmp_path):
-    """When a row has several unwritten states at shutdown (one in a failed flush that is
-    being retried, a newer one accepted after it), the dead-letter file lists them in the
-    order they were accepted: replaying it line by line ends with the state accepted last."""
+    """Without a journal, when a row has several unwritten states at shutdown (one in a
+    failed flush that is being retried, a newer one accepted after it), the dead-letter
+    file lists them in the order they were accepted: replaying it line by line ends with
+    the state accepted last."""
     async with tcp_proxy() as proxy:
-        async with persistd_process(tmp_path, database={"url": proxy.url()},
+        async with persistd_process(tmp_path, database={"url": proxy.url()}, journal={"mode": "off"},
                                     buffer={"flush_interval": 0.2, "shutdown_timeout": 1.5}) as process:
             async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
                 assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
@@ -328,8 +265,8 @@ async def test_dead_letter_file_ends_with_the_state_accepted_last(db, tmp_path):
 
 async def test_sigterm_while_database_stops_answering_exits_within_shutdown_timeout(db, tmp_path):
     """SIGTERM while the database accepts nothing and answers nothing (a partition, not a
-    refusal): the final write gives up at shutdown_timeout, persistd exits 0, and the rows
-    it held are in the dead-letter file."""
+    refusal): the final write gives up at shutdown_timeout, persistd exits 0, and the next
+    start writes the rows it held."""
     async with tcp_proxy() as proxy:
         async with persistd_process(tmp_path, database={"url": proxy.url()},
                                     buffer={"shutdown_timeout": 2.0}) as process:
@@ -343,13 +280,15 @@ async def test_sigterm_while_database_stops_answering_exits_within_shutdown_time
             code, elapsed = await process.wait_exit(bound)
             assert code == 0, process.log()[-4000:]
             await proxy.cut()
-    assert [(r["table"], r["row"]["task_id"]) for r in dead_letters(process.state_dir)] == [("translation_tasks", "unanswered")]
+    assert await db.query("SELECT task_id FROM translation_tasks") == ()
+    await start_again_and_flush(tmp_path)
+    assert await db.query("SELECT task_id FROM translation_tasks") == (("unanswered",),)
 
 
 async def test_sigterm_during_a_hung_flush_exits_within_shutdown_timeout(db, tmp_path):
     """SIGTERM while a flush that started before the signal hangs on a database that
     stopped answering: the final write is bounded by shutdown_timeout, not by the longer
-    write_timeout of that flush, and the rows go to the dead-letter file."""
+    write_timeout of that flush, and the next start writes the rows."""
     async with tcp_proxy() as proxy:
         async with persistd_process(tmp_path, database={"url": proxy.url(), "write_timeout": 30.0},
                                     buffer={"flush_interval": 0.2, "shutdown_timeout": 2.0}) as process:
@@ -364,4 +303,6 @@ async def test_sigterm_during_a_hung_flush_exits_within_shutdown_timeout(db, tmp
             code, elapsed = await process.wait_exit(bound)
             assert code == 0, process.log()[-4000:]
             await proxy.cut()
-    assert [(r["table"], r["row"]["task_id"]) for r in dead_letters(process.state_dir)] == [("translation_tasks", "stuck")]
+    assert await db.query("SELECT task_id FROM translation_tasks") == ()
+    await start_again_and_flush(tmp_path)
+    assert await db.query("SELECT task_id FROM translation_tasks") == (("stuck",),)

@@ -374,7 +374,7 @@ async def harness(tmp_path, nursery):
 
 async def test_rows_are_flushed_once_flush_interval_elapses(harness, autojump_clock):
     start = trio.current_time()
-    assert await harness.ask(Write, "tasks", task_rows(10), AT)
+    assert await harness.ask(Write, "tasks", task_rows(10), b"", AT)
     snapshot, _ = await harness.jobs.receive()
     assert trio.current_time() - start == pytest.approx(2.0)
     assert len(snapshot.tasks) == 10
@@ -382,11 +382,11 @@ async def test_rows_are_flushed_once_flush_interval_elapses(harness, autojump_cl
 
 async def test_rows_are_flushed_as_soon_as_flush_rows_wait(harness, autojump_clock):
     start = trio.current_time()
-    await harness.ask(Write, "tasks", task_rows(999), AT)
+    await harness.ask(Write, "tasks", task_rows(999), b"", AT)
     with trio.move_on_after(1):
         await harness.jobs.receive()
         pytest.fail("flushed before flush_rows or flush_interval")
-    await harness.ask(Write, "tasks", [msgspec.convert(task("t-last"), TaskIn)], AT)
+    await harness.ask(Write, "tasks", [msgspec.convert(task("t-last"), TaskIn)], b"", AT)
     snapshot, _ = await harness.jobs.receive()
     assert trio.current_time() - start == pytest.approx(1.0)
     assert len(snapshot.tasks) == 1000
@@ -394,14 +394,14 @@ async def test_rows_are_flushed_as_soon_as_flush_rows_wait(harness, autojump_clo
 
 async def test_buffer_coalesces_by_primary_key(harness, autojump_clock):
     for status in ("pending", "processing", "completed"):
-        await harness.ask(Write, "tasks", task_rows(300, status=status), AT)
+        await harness.ask(Write, "tasks", task_rows(300, status=status), b"", AT)
     snapshot, _ = await harness.jobs.receive()
     assert len(snapshot.tasks) == 300
     assert {e.row.status for e in snapshot.tasks.values()} == {"completed"}
 
 
 async def test_failed_flush_keeps_every_row_and_retries_with_growing_backoff(harness, autojump_clock):
-    await harness.ask(Write, "tasks", task_rows(5), AT)
+    await harness.ask(Write, "tasks", task_rows(5), b"", AT)
     first, _ = await harness.jobs.receive()
     delays = []
     for _ in range(4):
@@ -418,41 +418,41 @@ async def test_failed_flush_keeps_every_row_and_retries_with_growing_backoff(har
 async def test_newer_writes_win_over_a_snapshot_that_failed_and_was_retried(harness, autojump_clock):
     """Last write wins across failed and retried flushes: the failed snapshot is
     retried before anything newer, and the newer state follows it."""
-    await harness.ask(Write, "tasks", task_rows(1, status="processing"), AT)
+    await harness.ask(Write, "tasks", task_rows(1, status="processing"), b"", AT)
     old, _ = await harness.jobs.receive()
-    await harness.ask(Write, "tasks", task_rows(1, status="completed", target_text="done"), AT)
+    await harness.ask(Write, "tasks", task_rows(1, status="completed", target_text="done"), b"", AT)
     await harness.to_buffer.send(Failed("lost connection"))
     retried, _ = await harness.jobs.receive()
     assert retried is old
-    await harness.to_buffer.send(Written(0, 1, []))
+    await harness.to_buffer.send(Written(0, 1, [], []))
     newer, _ = await harness.jobs.receive()
     assert newer.tasks["t0"].row.status == "completed"
 
 
 async def test_flush_request_is_answered_once_its_rows_are_written(harness, autojump_clock):
-    await harness.ask(Write, "tasks", task_rows(3), AT)
+    await harness.ask(Write, "tasks", task_rows(3), b"", AT)
     reply, replies = trio.open_memory_channel(1)
     await harness.to_buffer.send(Flush(FlushWaiter(reply)))
     snapshot, _ = await harness.jobs.receive()  # asked for: no waiting for flush_interval
     assert trio.current_time() < 1
-    await harness.to_buffer.send(Written(0, 3, []))
+    await harness.to_buffer.send(Written(0, 3, [], []))
     waiter = await replies.receive()
     assert waiter.tasks_written == 3
 
 
 async def test_drain_writes_the_last_rows_then_closes_the_flusher(harness, autojump_clock):
-    await harness.ask(Write, "tasks", task_rows(3), AT)
+    await harness.ask(Write, "tasks", task_rows(3), b"", AT)
     await harness.to_buffer.send(Drain())
     snapshot, _ = await harness.jobs.receive()
     assert len(snapshot.tasks) == 3
-    await harness.to_buffer.send(Written(0, 3, []))
+    await harness.to_buffer.send(Written(0, 3, [], []))
     with pytest.raises(trio.EndOfChannel):
         await harness.jobs.receive()
 
 
 async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_path, nursery, autojump_clock):
     h = BufferAlone(tmp_path, shutdown_timeout=5).start(nursery)
-    await h.ask(Write, "tasks", task_rows(3), AT)
+    await h.ask(Write, "tasks", task_rows(3), b"", AT)
     await h.to_buffer.send(Drain())
     while True:
         try:
@@ -469,7 +469,7 @@ async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_
 
 async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp_path, nursery, autojump_clock):
     h = BufferAlone(tmp_path, shutdown_timeout=5).start(nursery)
-    await h.ask(Write, "tasks", task_rows(3), AT)
+    await h.ask(Write, "tasks", task_rows(3), b"", AT)
     _, attempt = await h.jobs.receive()
     assert attempt.deadline > trio.current_time() + 20  # write_timeout
     await h.to_buffer.send(Drain())
@@ -486,9 +486,9 @@ async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp
 
 async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):
     h = BufferAlone(tmp_path, orphan_ttl=100).start(nursery)
-    await h.ask(Write, "tasks", task_rows(2), AT)
+    await h.ask(Write, "tasks", task_rows(2), b"", AT)
     await h.jobs.receive()
-    await h.to_buffer.send(Written(0, 0, [Entry(row, AT, AT, 1) for row in task_rows(2)]))
+    await h.to_buffer.send(Written(0, 0, [Entry(row, AT, AT, 1) for row in task_rows(2)], []))
     await trio.sleep(99)
     assert not (tmp_path / "dead.jsonl").exists()
     await trio.sleep(12)
@@ -502,21 +502,21 @@ async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_
 
 def test_held_tasks_move_to_pending_when_their_session_arrives():
     buf = Buffer(BufferConfig())
-    buf.write("tasks", task_rows(2), AT, 0.0)
+    buf.write("tasks", task_rows(2), AT, 0.0, 0)
     snapshot = buf.take_snapshot(10.0)
     assert snapshot is not None
     buf.written(0, 0, list(snapshot.tasks.values()), 10.0)
     assert buf.held_count() == 2 and not buf.tasks
-    buf.write("sessions", [msgspec.convert(session(), SessionIn)], AT, 11.0)
+    buf.write("sessions", [msgspec.convert(session(), SessionIn)], AT, 11.0, 0)
     assert buf.held_count() == 0 and set(buf.tasks) == {"t0", "t1"}
 
 
 def test_buffer_refuses_what_would_pass_max_rows():
     buf = Buffer(BufferConfig(max_rows=1000))
-    assert buf.has_room(1000)
-    buf.write("tasks", task_rows(600), AT, 0.0)
-    assert not buf.has_room(401)
-    assert buf.has_room(400)
+    assert buf.has_room(1000, 0)
+    buf.write("tasks", task_rows(600), AT, 0.0, 0)
+    assert not buf.has_room(401, 0)
+    assert buf.has_room(400, 0)
 
 
 async def test_every_character_is_stored_as_sent(daemon, db):
@@ -536,7 +536,7 @@ def test_a_flush_takes_at_most_snapshot_max_rows_tasks_and_flush_waits_for_all()
     buf = Buffer(BufferConfig(max_rows=100_000))
     rows = [msgspec.convert(task(f"t{i}"), TaskIn) for i in range(2 * SNAPSHOT_MAX_ROWS + 500)]
     for start in range(0, len(rows), 1000):
-        buf.write("tasks", rows[start:start + 1000], AT, 0.0)
+        buf.write("tasks", rows[start:start + 1000], AT, 0.0, 0)
     waiter = FlushWaiter(trio.open_memory_channel(1)[0])
     assert buf.request_flush(waiter)
     sizes, answered = [], []

@@ -1,0 +1,360 @@
+"""The journal (issue 4): every batch is on disk before its 202 and stays there until the
+database has it; a start replays what is unreleased; a torn or corrupt tail is kept aside
+and never stops a start. Rows the database refuses go to the dead-letter file while the
+rest of their batch is written. The crash loop and the outage run in test_durability.py."""
+
+import json
+import os
+from datetime import datetime, timezone
+
+import msgspec
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import DATABASE_URL, SESSION_ID, make_config, running, session, task
+from persistd.daemon import (BATCH_KINDS, RECORD, TASKS, Buffer, BufferConfig, Database, DatabaseConfig, Journal,
+                             JournalConfig, decode_batch, micros, overlay, upsert, write_snapshot)
+
+TASKS_URL = "/api/v1/translation/tasks/batch"
+SESSIONS_URL = "/api/v1/translation/sessions/batch"
+AT = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+
+
+def body(key: str, rows: list[dict]) -> bytes:
+    return msgspec.json.encode({key: rows})
+
+
+def journal_at(path, mode: str = "fsync") -> Journal:
+    journal = Journal(path, JournalConfig(mode=mode))
+    journal.open()
+    return journal
+
+
+def append(journal: Journal, seq: int, key: str, rows: list[dict]) -> None:
+    journal.commit([(seq, BATCH_KINDS[key], (micros(AT), body(key, rows)))], None)
+
+
+def replayed(journal: Journal, at: datetime = AT) -> list[tuple[int, list[str]]]:
+    out = []
+    for seq, kind, payload in journal.replay():
+        key, rows, accepted_at, _ = journal.batch(seq, kind, payload)
+        assert accepted_at == at
+        out.append((seq, [row.task_id if key == "tasks" else row.session_id for row in rows]))
+    return out
+
+
+def segments(path) -> list[str]:
+    return sorted(name for name in os.listdir(path) if name.endswith(".journal"))
+
+
+# ── the file ─────────────────────────────────────────────────────────────────────────
+
+
+def test_records_replay_in_order_with_their_accept_time(tmp_path):
+    journal = journal_at(tmp_path)
+    for seq in (1, 2, 3):
+        append(journal, seq, "tasks", [task(f"t{seq}")])
+    journal.close()
+    again = journal_at(tmp_path)
+    assert again.last_seq == 3 and again.kept_aside == 0
+    assert replayed(again) == [(1, ["t1"]), (2, ["t2"]), (3, ["t3"])]
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped"])
+def test_a_damaged_tail_is_kept_aside_and_the_valid_records_replay(tmp_path, damage):
+    """A record cut short (a crash mid-write) or one whose checksum fails: the records
+    before it replay, the tail from it on is moved to corrupt/ and counted, and the
+    journal opens and takes new records."""
+    journal = journal_at(tmp_path)
+    for seq in (1, 2, 3):
+        append(journal, seq, "tasks", [task(f"t{seq}", source_text="x" * 500)])
+    journal.close()
+    (name,) = segments(tmp_path)
+    data = (tmp_path / name).read_bytes()
+    third = len(data) - len(data) // 6  # inside the third record
+    if damage == "torn":
+        (tmp_path / name).write_bytes(data[:third])
+    else:
+        (tmp_path / name).write_bytes(data[:third] + bytes([data[third] ^ 0xFF]) + data[third + 1:])
+
+    again = journal_at(tmp_path)
+    assert again.kept_aside == 1
+    assert replayed(again) == [(1, ["t1"]), (2, ["t2"])]
+    (aside,) = os.listdir(tmp_path / "corrupt")
+    good = (tmp_path / name).stat().st_size
+    assert aside == f"{name}.{good}"
+    assert (tmp_path / name).read_bytes() + (tmp_path / "corrupt" / aside).read_bytes() == (
+        data[:third] if damage == "torn" else data[:third] + bytes([data[third] ^ 0xFF]) + data[third + 1:])
+    append(again, 4, "tasks", [task("t4")])
+    again.close()
+    assert replayed(journal_at(tmp_path)) == [(1, ["t1"]), (2, ["t2"]), (4, ["t4"])]
+
+
+def test_a_header_claiming_more_bytes_than_the_file_holds_is_a_torn_tail(tmp_path):
+    journal = journal_at(tmp_path)
+    append(journal, 1, "tasks", [task("t1")])
+    journal.close()
+    (name,) = segments(tmp_path)
+    with open(tmp_path / name, "ab") as f:
+        f.write(RECORD.pack(2**31, 0, 2, 2))  # a length no file here has
+    again = journal_at(tmp_path)
+    assert again.kept_aside == 1 and replayed(again) == [(1, ["t1"])]
+
+
+def test_released_records_are_not_replayed_and_released_segments_are_deleted(tmp_path):
+    journal = journal_at(tmp_path)
+    journal.segment_bytes = 1  # a segment a commit
+    for seq in (1, 2, 3):
+        append(journal, seq, "tasks", [task(f"t{seq}")])
+    assert len(segments(tmp_path)) == 3
+    journal.commit([], 3)  # 1 and 2 are in the database
+    assert len(segments(tmp_path)) == 2  # the third and the one holding the release mark
+    journal.close()
+    assert replayed(journal_at(tmp_path)) == [(3, ["t3"])]
+
+
+def test_a_release_inside_a_segment_is_remembered(tmp_path):
+    """Records below the release mark are not replayed even though their segment is kept
+    for the records after them: an old state never comes back over a newer one."""
+    journal = journal_at(tmp_path)
+    for seq in (1, 2, 3):
+        append(journal, seq, "tasks", [task(f"t{seq}")])
+    journal.commit([], 3)
+    journal.close()
+    assert len(segments(tmp_path)) == 1
+    assert replayed(journal_at(tmp_path)) == [(3, ["t3"])]
+
+
+def test_everything_released_leaves_no_segment(tmp_path):
+    journal = journal_at(tmp_path)
+    append(journal, 1, "tasks", [task("t1")])
+    journal.commit([], 2)
+    journal.close()
+    assert segments(tmp_path) == []
+    assert journal_at(tmp_path).last_seq == 0
+
+
+def test_a_deleted_session_takes_its_earlier_rows_out_of_the_replay(tmp_path):
+    journal = journal_at(tmp_path)
+    append(journal, 1, "tasks", [task("t1", session_id="gone"), task("t2", session_id="kept")])
+    journal.commit([(2, 3, (b"gone",))], None)  # DELETE of session "gone"
+    append(journal, 3, "tasks", [task("t3", session_id="gone")])  # written again after the DELETE
+    journal.close()
+    assert replayed(journal_at(tmp_path)) == [(1, ["t2"]), (3, ["t3"])]
+
+
+# ── through the daemon ───────────────────────────────────────────────────────────────
+
+
+async def metric(daemon, name: str) -> float:
+    text = (await daemon.get("/api/v1/system/metrics")).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+async def test_a_start_replays_the_journal_before_it_listens(db, tmp_path):
+    """Batches a stopped daemon left in its journal are written by the next start; a
+    damaged tail does not stop it, and is counted in the metrics."""
+    cfg = make_config(tmp_path)
+    path = tmp_path / "state" / "journal"
+    path.mkdir(parents=True)
+    journal = journal_at(path)
+    append(journal, 1, "sessions", [session()])
+    append(journal, 2, "tasks", [task("t1", status="pending")])
+    append(journal, 3, "tasks", [task("t1", status="completed", target_text="done"), task("t2")])
+    journal.close()
+    (name,) = segments(path)
+    with open(path / name, "ab") as f:
+        f.write(b"\x07" * 40)  # a torn header
+    async with running(cfg) as daemon:
+        assert await metric(daemon, "persistence_journal_corrupt_tails_total") == 1
+        assert await metric(daemon, "persistence_journal_replayed_rows_total") == 4
+        await daemon.flush()
+        rows = await db.query("SELECT task_id, status, target_text FROM translation_tasks ORDER BY task_id")
+        assert rows == (("t1", "completed", "done"), ("t2", "pending", None))
+    assert segments(path) == []  # everything written: released
+
+
+async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
+    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as daemon:
+        answer = await daemon.post(TASKS_URL, {"tasks": [task("t1")]})
+        assert answer.status_code == 202
+        at = datetime.fromisoformat(answer.json()["timestamp"].replace("Z", "+00:00"))
+        assert [ids for _, ids in replayed(journal_at(tmp_path / "state" / "journal"), at)] == [["t1"]]
+        assert await metric(daemon, "persistence_journal_bytes") > 0
+
+
+async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_rest_is_written(db, tmp_path):
+    """A poison row (here: one a CHECK constraint an operator added refuses) is isolated
+    inside the flush's transaction; the other 999 rows of its batch are written, the
+    flush is not retried forever, and the row is in the dead-letter file with the reason."""
+    await db.query("ALTER TABLE translation_tasks ADD CONSTRAINT poison CHECK (source_text <> 'POISON')")
+    try:
+        async with running(make_config(tmp_path)) as daemon:
+            assert (await daemon.post(SESSIONS_URL, {"sessions": [session()]})).status_code == 202
+            rows = [task(f"t{i:03d}", row_index=i) for i in range(1000)]
+            rows[537]["source_text"] = "POISON"
+            assert (await daemon.post(TASKS_URL, {"tasks": rows})).status_code == 202
+            assert (await daemon.flush())["tasks_written"] == 999
+            assert await metric(daemon, "persistence_flush_errors_total") == 0
+    finally:
+        await db.query("ALTER TABLE translation_tasks DROP CONSTRAINT poison")
+    (count,), = await db.query("SELECT COUNT(*) FROM translation_tasks")
+    assert count == 999
+    assert await db.query("SELECT task_id FROM translation_tasks WHERE task_id = 't537'") == ()
+    (line,) = (tmp_path / "state" / "dead-letter.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert (record["reason"], record["table"], record["row"]["task_id"]) == ("refused_by_database", "translation_tasks", "t537")
+    assert record["error"].startswith("4025:")
+
+
+# ── merge and replay, as a property ──────────────────────────────────────────────────
+# Any interleaving of accepted updates, failed flushes and crashes (before a flush, or
+# after its commit but before the buffer heard of it) ends, once everything is written,
+# with each key at its last acknowledged value. The pieces are the daemon's own: Buffer,
+# Journal and write_snapshot against the real database; the test plays the actors. After
+# every step, what a GET would show (the stored row with the buffer laid over it) is
+# already the last acknowledged value: a lost write shows before a later one can hide it.
+
+TASK_IDS = [f"k{i}" for i in range(8)]
+FIELDS = {"status": st.sampled_from(["pending", "processing", "completed", "failed"]),
+          "target_text": st.sampled_from([None, "a", "β", "c"]),
+          "confidence": st.sampled_from([None, 0.25, 0.75])}
+
+
+@st.composite
+def a_write(draw) -> tuple:
+    ids = draw(st.lists(st.sampled_from(TASK_IDS), min_size=1, max_size=3, unique=True))
+    rows = []
+    for task_id in ids:
+        row = task(task_id, status=draw(FIELDS["status"]))
+        for name in ("target_text", "confidence"):
+            if draw(st.booleans()):  # absent keeps the stored value; None clears it
+                row[name] = draw(FIELDS[name])
+        rows.append(row)
+    return ("write", rows)
+
+
+# take: the buffer hands a snapshot to the flusher; writes may follow while it is out.
+# commit / fail: the flusher's transaction commits, or rolls back and the buffer schedules
+# the retry. crash: the process dies; the next one replays the journal. commit_then_crash:
+# the transaction commits and the process dies before the buffer hears of it.
+STEPS = ["take", "commit", "fail", "crash", "commit_then_crash"]
+OPS = st.lists(st.one_of(a_write(), st.sampled_from(STEPS).map(lambda step: (step,))), min_size=4, max_size=40)
+
+
+def last_acknowledged(writes: list[list[dict]]) -> dict[str, tuple]:
+    state: dict[str, dict] = {}
+    for rows in writes:
+        for row in rows:
+            state.setdefault(row["task_id"], {}).update(row)
+    return {k: (v["status"], v.get("target_text"), v.get("confidence")) for k, v in state.items()}
+
+
+async def stored(conn) -> dict[str, dict]:
+    async with conn.cursor() as cursor:
+        await cursor.execute("SELECT task_id, status, target_text, confidence FROM translation_tasks")
+        return {k: {"status": s, "target_text": t, "confidence": None if c is None else float(c)}
+                for k, s, t, c in await cursor.fetchall()}
+
+
+async def visible(conn, buf: Buffer) -> dict[str, tuple]:
+    """Each key as a GET shows it: the buffered states laid over the stored row."""
+    rows = await stored(conn)
+    shown = {k: overlay(rows.get(k), buf.lookup("tasks", k)) for k in TASK_IDS}
+    return {k: (v["status"], v["target_text"], v["confidence"]) for k, v in shown.items() if v is not None}
+
+
+class Node:
+    """One daemon's memory (a Buffer) over a journal that outlives it."""
+
+    def __init__(self, path) -> None:
+        self.journal = journal_at(path)
+        self.buf = Buffer(BufferConfig())
+        self.snapshot = None  # the one the flusher has
+        self.buf.replayed_to = 0
+        for seq, kind, payload in self.journal.replay():
+            key, rows, at, nbytes = self.journal.batch(seq, kind, payload)
+            self.buf.journaled(seq, nbytes)
+            self.buf.write(key, rows, at, 0.0, nbytes, seq)
+            self.buf.replayed_to = seq
+        self.buf.replay_done(self.journal.last_seq)
+
+    def accept(self, rows: list[dict]) -> None:
+        data = body("tasks", rows)
+        seq = self.buf.write("tasks", decode_batch("tasks", data), AT, 0.0, len(data))
+        self.buf.journaled(seq, len(data))
+        self.journal.commit([(seq, BATCH_KINDS["tasks"], (micros(AT), data))], None)  # durable: acknowledged
+
+    def take(self) -> None:
+        self.buf.draining = True  # everything is due at once
+        self.buf.retry_at = 0.0
+        if self.snapshot is None:
+            self.snapshot = self.buf.take_snapshot(0.0)
+
+    async def commit(self, conn) -> None:
+        if self.snapshot is None:
+            return
+        written = await write_snapshot(conn, self.snapshot)
+        assert not written.refused and not written.held
+        self.snapshot = None
+        self.buf.written(written.sessions, written.tasks, written.held, 0.0)
+        floor = self.buf.release()
+        if floor is not None:
+            self.journal.commit([], floor)
+
+    async def fail(self, conn) -> None:
+        """The statements ran; the commit never happened."""
+        if self.snapshot is None:
+            return
+        await conn.query("BEGIN")
+        await upsert(conn, TASKS, list(self.snapshot.tasks.values()))
+        await conn.query("ROLLBACK")
+        self.snapshot = None
+        self.buf.failed("injected", 0.0)
+
+
+async def play(ops, path) -> dict[str, tuple]:
+    conn = await Database(DatabaseConfig(url=DATABASE_URL)).connect(create=True)  # fails, never skips, without one
+    try:
+        await conn.query("DELETE FROM translation_tasks")
+        await conn.query("INSERT IGNORE INTO translation_sessions (session_id, filename, file_path, llm_provider) "
+                         f"VALUES ('{SESSION_ID}', 'game.xlsx', '/game.xlsx', 'openai')")
+        node, writes = Node(path), []
+        for step, op in enumerate(ops):
+            match op:
+                case ("write", rows):
+                    node.accept(rows)
+                    writes.append(rows)
+                case ("take",):
+                    node.take()
+                case ("commit",):
+                    await node.commit(conn)
+                case ("fail",):
+                    await node.fail(conn)
+                case ("crash",) | ("commit_then_crash",):
+                    if op[0] == "commit_then_crash" and node.snapshot is not None:
+                        await write_snapshot(conn, node.snapshot)
+                    node.journal.close()
+                    node = Node(path)
+            assert await visible(conn, node.buf) == last_acknowledged(writes), f"after step {step}: {op[0]}"
+        for _ in range(20):  # everything out
+            node.take()
+            await node.commit(conn)
+        assert node.buf.idle()
+        node.journal.close()
+        assert segments(path) == []
+        return {k: (v["status"], v["target_text"], v["confidence"]) for k, v in (await stored(conn)).items()}, \
+            last_acknowledged(writes)
+    finally:
+        conn.close()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_any_interleaving_of_writes_failed_flushes_and_crashes_ends_at_the_last_acknowledged_state(tmp_path_factory, ops):
+    path = tmp_path_factory.mktemp("journal")
+    stored, expected = trio.run(play, ops, path)
+    assert stored == expected
