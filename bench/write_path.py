@@ -587,12 +587,12 @@ class Daemon:
     state_dir: Path
 
 
-def start_daemon(port: int, concurrency: int, tmp: Path) -> Daemon:
+def start_daemon(port: int, concurrency: int, journal: str, tmp: Path) -> Daemon:
     state_dir = tmp / f"state-c{concurrency}"
     config = tmp / f"persistd-c{concurrency}.toml"
     config.write_text(f'[server]\nport = {port}\n[database]\nurl = "mysql://root@127.0.0.1:3306/{BENCH_DB}"\n'
-                      f'[state]\ndir = "{state_dir}"\n')
-    log_path = RESULTS_DIR / f"write_path-c{concurrency}.log"
+                      f'[state]\ndir = "{state_dir}"\n[journal]\nmode = "{journal}"\n')
+    log_path = RESULTS_DIR / f"write_path-{journal}-c{concurrency}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DAEMON_FILE.parents[1]), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
@@ -629,9 +629,9 @@ def stop_daemon(daemon: Daemon) -> list[str]:
     return [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
 
 
-def run_level(workload: Workload, port: int, concurrency: int, tmp: Path) -> Level:
+def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp: Path) -> Level:
     fresh_database(BENCH_DB)
-    daemon = start_daemon(port, concurrency, tmp)
+    daemon = start_daemon(port, concurrency, journal, tmp)
     try:
         level = trio.run(drive_level, workload, port, concurrency, daemon.process.pid)
     finally:
@@ -716,6 +716,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--tasks-per-session", type=int, default=5000)
     parser.add_argument("--port", type=int, default=18001)
+    parser.add_argument("--journal", choices=["fsync", "write", "off"], default="fsync",
+                        help="the daemon's [journal] mode (default fsync, the daemon's default)")
     parser.add_argument("--keep", action="store_true", help=f"keep {BENCH_DB} and {CEILING_DB} at the end")
     return parser.parse_args(argv)
 
@@ -739,8 +741,9 @@ def main(argv: list[str] | None = None) -> None:
               f"  {ceiling.cpu.describe('mariadb client', ceiling.seconds)}", flush=True)
         levels = []
         for concurrency in args.levels:
-            levels.append(run_level(workload, args.port, concurrency, Path(tmp)))
-            print(describe_level(levels[-1], ceiling, RESULTS_DIR / f"write_path-c{concurrency}.log"), flush=True)
+            levels.append(run_level(workload, args.port, concurrency, args.journal, Path(tmp)))
+            print(describe_level(levels[-1], ceiling, RESULTS_DIR / f"write_path-{args.journal}-c{concurrency}.log"),
+                  flush=True)
     if not args.keep:
         drop_database(BENCH_DB)
     print(f"\nAll {len(levels)} levels verified: every session and task is in MySQL with its final status.\n")
