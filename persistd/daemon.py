@@ -874,36 +874,55 @@ class Buffer:
         return not self.refusing
 
     # writes
-    def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int, seq: int = 0) -> int:
-        """Take a batch (`seq`: a journal record's, when it is replayed); returns its seq."""
-        if not seq:
-            seq = self.seq + 1
+    def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int) -> int:
+        """Take an accepted batch; returns its seq."""
+        self.seq += 1
+        size = nbytes // max(len(rows), 1)
+        self._take(key, [Entry(row, at, at, self.seq, 0.0, self.seq, size) for row in rows], now)
+        return self.seq
+
+    def replay(self, key: str, entries: list[Entry], seq: int, now: float) -> None:
+        """Take a journal record's rows, with the seq and accept times they had."""
         self.seq = max(self.seq, seq)
+        self._take(key, entries, now)
+        self.replayed_to = seq
+
+    def _take(self, key: str, entries: list[Entry], now: float) -> None:
         if not (self.sessions or self.tasks):
             self.first_pending_at = now
-        size = nbytes // max(len(rows), 1)
         grew = 0
         if key == "sessions":
-            for row in rows:
-                grew += put(self.sessions, row.session_id, Entry(row, at, at, seq, 0.0, seq, size))
-                for task_id, entry in self.held.pop(row.session_id, {}).items():
-                    grew += put(self.tasks, task_id, entry) - entry.size
+            for entry in entries:
+                grew += put(self.sessions, entry.row.session_id, entry)
+                for task_id, held in self.held.pop(entry.row.session_id, {}).items():
+                    grew += put(self.tasks, task_id, held) - held.size
         else:
-            for row in rows:
-                group = self.held.get(row.session_id)
+            for entry in entries:
+                group = self.held.get(entry.row.session_id)
                 if group is not None:
-                    grew += put(group, row.task_id, Entry(row, at, at, seq, now, seq, size))
+                    entry.held_since = now
+                    grew += put(group, entry.row.task_id, entry)
                 else:
-                    grew += put(self.tasks, row.task_id, Entry(row, at, at, seq, 0.0, seq, size))
+                    grew += put(self.tasks, entry.row.task_id, entry)
         self.bytes += grew
-        return seq
 
-    def forget_seq(self) -> int:
-        """A seq for a deleted session's journal record: writes before it are void."""
+    def next_seq(self) -> int:
+        """A seq for a journal record that is not a batch (a DELETE, held tasks copied forward)."""
         self.seq += 1
         return self.seq
 
-    # the journal
+    def held_pinning_the_journal(self) -> list[Entry]:
+        """The held tasks, when one of them is the oldest row the journal keeps records
+        for. A task whose session never comes would keep every later record until
+        orphan_ttl: copied into a record of their own, they let the journal go on."""
+        held = [e for group in self.held.values() for e in group.values()]
+        if not held or min(e.first_seq for e in held) > self.floor():
+            return []
+        seq = self.next_seq()
+        for entry in held:
+            entry.first_seq = seq
+        return held
+
     def replay_done(self, last_seq: int) -> None:
         """Every unreleased record is replayed; new writes go on after the journal's last."""
         self.replayed_to = math.inf
@@ -1093,6 +1112,7 @@ class Buffer:
 #   payload: SESSIONS_BATCH / TASKS_BATCH: accept time (µs since the epoch, i64) + request body
 #            FORGET: a deleted session's id; its rows in records before this one are void
 #            RELEASED: every record below this seq (u64) is in the database (the record's seq is 0)
+#            HELD: held tasks copied forward, JSON [[created_at, updated_at, task], ...]
 # A segment is deleted once every record in it is released. Replay reads the segments in
 # order and applies each batch still needed as it was accepted, so each key ends at its
 # last acknowledged write.
@@ -1101,7 +1121,9 @@ RECORD = struct.Struct("<IIQB")
 SEQ_KIND = struct.Struct("<QB")
 MICROS = struct.Struct("<q")
 FLOOR = struct.Struct("<Q")
-SESSIONS_BATCH, TASKS_BATCH, FORGET, RELEASED = 1, 2, 3, 4
+SESSIONS_BATCH, TASKS_BATCH, FORGET, RELEASED, HELD = 1, 2, 3, 4, 5
+HELD_DECODER = msgspec.json.Decoder(list[tuple[datetime, datetime, TaskIn]])
+HELD_COPY_SHARE = 0.25  # held tasks pinning a journal this full (of max_bytes) are copied forward
 BATCH_KINDS = {"sessions": SESSIONS_BATCH, "tasks": TASKS_BATCH}
 SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -1158,16 +1180,21 @@ class Journal:
             if last < self.floor:  # released, or release marks only: it may be deleted meanwhile
                 continue
             for seq, kind, payload in self._records(segment, keep_aside=False):
-                if kind in (SESSIONS_BATCH, TASKS_BATCH) and seq >= self.floor:
+                if kind in (SESSIONS_BATCH, TASKS_BATCH, HELD) and seq >= self.floor:
                     yield seq, kind, payload
 
-    def batch(self, seq: int, kind: int, payload: bytes) -> tuple[str, list, datetime, int]:
-        """A replayed batch as it was accepted: (key, rows, accept time, request bytes),
-        without the rows of sessions deleted after it."""
-        key = "sessions" if kind == SESSIONS_BATCH else "tasks"
-        at = EPOCH + timedelta(microseconds=MICROS.unpack_from(payload)[0])
-        rows = decode_batch(key, payload[MICROS.size:])
-        return key, [row for row in rows if self.forgotten.get(row.session_id, 0) < seq], at, len(payload) - MICROS.size
+    def batch(self, seq: int, kind: int, payload: bytes) -> tuple[str, list[Entry], int]:
+        """A replayed record's rows as the buffer holds them, with their accept times,
+        without the rows of sessions deleted after it; and the record's size."""
+        if kind == HELD:
+            key, items = "tasks", HELD_DECODER.decode(payload)
+        else:
+            key = "sessions" if kind == SESSIONS_BATCH else "tasks"
+            at = EPOCH + timedelta(microseconds=MICROS.unpack_from(payload)[0])
+            items = [(at, at, row) for row in decode_batch(key, payload[MICROS.size:])]
+        size = len(payload) // max(len(items), 1)
+        return key, [Entry(row, created, updated, seq, 0.0, seq, size) for created, updated, row in items
+                     if self.forgotten.get(row.session_id, 0) < seq], len(payload)
 
     def _records(self, segment: Path, keep_aside: bool) -> typing.Iterator[tuple[int, int, bytes]]:
         with open(segment, "rb") as f:
@@ -1781,9 +1808,8 @@ class Write(NamedTuple):  # http → buffer; answered True (taken, and journaled
 
 class Replayed(NamedTuple):  # replay → buffer: a journal record; answered True
     key: str
-    rows: list
+    entries: list[Entry]
     nbytes: int
-    at: datetime
     seq: int
     reply: trio.MemorySendChannel
 
@@ -2221,10 +2247,9 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                             buf.journaled(seq, RECORD.size + MICROS.size + len(body))
                             journal.send_nowait(Append(seq, BATCH_KINDS[key], (micros(at), body)))
                             journal.send_nowait(Sync(reply, True))
-                    case Replayed(key, rows, nbytes, at, seq, reply):
-                        buf.write(key, rows, at, now, nbytes, seq)
-                        buf.journaled(seq, RECORD.size + MICROS.size + nbytes)
-                        buf.replayed_to = seq
+                    case Replayed(key, entries, nbytes, seq, reply):
+                        buf.replay(key, entries, seq, now)
+                        buf.journaled(seq, RECORD.size + nbytes)
                         answer(reply, True)
                     case ReplayDone(last_seq):
                         buf.replay_done(last_seq)
@@ -2247,7 +2272,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                                        for e in buf.lookup(key, row_id)])
                     case Forget(session_id, reply):
                         if journal is not None:
-                            journal.send_nowait(Append(buf.forget_seq(), FORGET, (session_id.encode(),)))
+                            journal.send_nowait(Append(buf.next_seq(), FORGET, (session_id.encode(),)))
                         for due, value in buf.forget(session_id, reply):
                             reply_durably(due, value)
                         settled = True
@@ -2264,8 +2289,13 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                 expired = buf.expire_orphans(now)
                 dead_letters.write("orphan_ttl_expired", [("translation_tasks", e) for e in expired])
                 settled = settled or bool(expired)
-            if settled and journal is not None and (floor := buf.release()) is not None:
-                journal.send_nowait(Release(floor))
+            if settled and journal is not None:
+                if buf.journal_bytes > cfg.journal.max_bytes * HELD_COPY_SHARE and (held := buf.held_pinning_the_journal()):
+                    payload = msgspec.json.encode([(e.created_at, e.updated_at, e.row) for e in held])
+                    buf.journaled(held[0].first_seq, RECORD.size + len(payload))
+                    journal.send_nowait(Append(held[0].first_seq, HELD, (payload,)))
+                if (floor := buf.release()) is not None:
+                    journal.send_nowait(Release(floor))
             if buf.draining and not buf.flusher_busy and (buf.idle() or now >= drain_deadline):
                 break
             snapshot = buf.take_snapshot(now)
@@ -2385,15 +2415,15 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
     while (record := await trio.to_thread.run_sync(next, records, None)) is not None:
         seq, kind, payload = record
         try:
-            key, rows, at, nbytes = journal.batch(seq, kind, payload)
-        except ApiError as exc:
+            key, entries, nbytes = journal.batch(seq, kind, payload)
+        except (ApiError, msgspec.ValidationError) as exc:
             table = SESSIONS.name if kind == SESSIONS_BATCH else TASKS.name
-            dead_letters.write_body("refused_at_replay", table, payload[MICROS.size:], exc.body().decode())
+            dead_letters.write_body("refused_at_replay", table, payload, str(exc))
             continue
-        while not await ask_buffer(to_buffer, Room, len(rows), nbytes):
+        while not await ask_buffer(to_buffer, Room, len(entries), nbytes):
             await trio.sleep(REPLAY_WAIT_S)
-        await ask_buffer(to_buffer, Replayed, key, rows, nbytes, at, seq)
-        replayed += len(rows)
+        await ask_buffer(to_buffer, Replayed, key, entries, nbytes, seq)
+        replayed += len(entries)
     await to_buffer.send(ReplayDone(journal.last_seq))
     metrics.replayed_rows.inc(replayed)
     if replayed:
@@ -2410,6 +2440,9 @@ async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int
     db = Database(cfg.database)
     dead_letters = DeadLetters(state_dir / "dead-letter.jsonl", metrics)
     journal = None
+    if cfg.journal.mode == "off" and any((state_dir / "journal").glob("*.journal")):
+        raise ConfigError(f"{state_dir / 'journal'} holds acknowledged rows not yet written; "
+                          "start with [journal] mode fsync or write once to write them")
     if cfg.journal.mode != "off":
         journal = Journal(state_dir / "journal", cfg.journal)
         await trio.to_thread.run_sync(journal.open)
@@ -2462,9 +2495,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         trio.run(serve_until_signalled, cfg)
+    except* ConfigError as group:  # found at start: the state dir does not fit the config
+        print(f"persistd: {first_leaf(group)}", file=sys.stderr)
+        sys.exit(2)
     except* OSError as group:  # e.g. the port is taken, the state dir or the journal cannot be written
-        error = group
-        while isinstance(error, BaseExceptionGroup):  # nurseries inside nurseries
-            error = error.exceptions[0]
-        print(f"persistd: {error}", file=sys.stderr)
+        print(f"persistd: {first_leaf(group)}", file=sys.stderr)
         sys.exit(1)
+
+
+def first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):  # nurseries inside nurseries
+        group = group.exceptions[0]
+    return group

@@ -5,6 +5,8 @@ rest of their batch is written. The crash loop and the outage run in test_durabi
 
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import msgspec
@@ -40,9 +42,9 @@ def append(journal: Journal, seq: int, key: str, rows: list[dict]) -> None:
 def replayed(journal: Journal, at: datetime = AT) -> list[tuple[int, list[str]]]:
     out = []
     for seq, kind, payload in journal.replay():
-        key, rows, accepted_at, _ = journal.batch(seq, kind, payload)
-        assert accepted_at == at
-        out.append((seq, [row.task_id if key == "tasks" else row.session_id for row in rows]))
+        key, entries, _ = journal.batch(seq, kind, payload)
+        assert all(e.created_at == e.updated_at == at for e in entries)
+        out.append((seq, [e.row.task_id if key == "tasks" else e.row.session_id for e in entries]))
     return out
 
 
@@ -186,6 +188,23 @@ async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
         assert await metric(daemon, "persistence_journal_bytes") > 0
 
 
+def test_mode_off_refuses_to_start_over_unwritten_journal_records(tmp_path):
+    """Switching the journal off must not silently drop what it still holds: exit 2, one line."""
+    path = tmp_path / "state" / "journal"
+    path.mkdir(parents=True)
+    journal = journal_at(path)
+    append(journal, 1, "tasks", [task("t1")])
+    journal.close()
+    config = tmp_path / "p.toml"
+    config.write_text(f'[server]\nport = 0\n[state]\ndir = "{tmp_path / "state"}"\n[journal]\nmode = "off"\n')
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
+    proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(config)], env=clean,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("persistd: ") and "not yet written" in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
 async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_rest_is_written(db, tmp_path):
     """A poison row (here: one a CHECK constraint an operator added refuses) is isolated
     inside the flush's transaction; the other 999 rows of its batch are written, the
@@ -208,6 +227,31 @@ async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_r
     record = json.loads(line)
     assert (record["reason"], record["table"], record["row"]["task_id"]) == ("refused_by_database", "translation_tasks", "t537")
     assert record["error"].startswith("4025:")
+
+
+async def test_a_task_whose_session_never_comes_does_not_keep_the_journal_growing(db, tmp_path):
+    """A held task would keep every later record in the journal until orphan_ttl, and
+    under load the journal would fill and refuse everyone. Once the journal is a quarter
+    full the held tasks are copied into a record of their own and the rest is released;
+    the next start still holds the task, with its accept time."""
+    cfg = make_config(tmp_path, server={"max_body_bytes": 1024 * 1024},
+                      buffer={"max_bytes": 2 * 1024 * 1024}, journal={"max_bytes": 8 * 1024 * 1024})
+    async with running(cfg) as daemon:
+        orphan = await daemon.post(TASKS_URL, {"tasks": [task("orphan", session_id="never-comes")]})
+        assert orphan.status_code == 202
+        assert (await daemon.post(SESSIONS_URL, {"sessions": [session()]})).status_code == 202
+        await daemon.flush()
+        for n in range(12):  # 12 × ~600 KB: past a quarter of 8 MiB several times over
+            rows = [task(f"b{n}-{i}", source_text="x" * 600) for i in range(1000)]
+            assert (await daemon.post(TASKS_URL, {"tasks": rows})).status_code == 202
+            assert (await daemon.flush())["tasks_waiting_for_session"] == 1
+        assert await metric(daemon, "persistence_journal_bytes") < 3 * 1024 * 1024
+    path = tmp_path / "state" / "journal"
+    assert sum((path / name).stat().st_size for name in segments(path)) < 3 * 1024 * 1024
+    async with running(cfg) as daemon:
+        assert (await daemon.flush())["tasks_waiting_for_session"] == 1
+        held = (await daemon.get("/api/v1/translation/tasks/orphan")).json()
+        assert held["created_at"] == orphan.json()["timestamp"]
 
 
 # ── merge and replay, as a property ──────────────────────────────────────────────────
@@ -276,10 +320,9 @@ class Node:
         self.snapshot = None  # the one the flusher has
         self.buf.replayed_to = 0
         for seq, kind, payload in self.journal.replay():
-            key, rows, at, nbytes = self.journal.batch(seq, kind, payload)
+            key, entries, nbytes = self.journal.batch(seq, kind, payload)
             self.buf.journaled(seq, nbytes)
-            self.buf.write(key, rows, at, 0.0, nbytes, seq)
-            self.buf.replayed_to = seq
+            self.buf.replay(key, entries, seq, 0.0)
         self.buf.replay_done(self.journal.last_seq)
 
     def accept(self, rows: list[dict]) -> None:

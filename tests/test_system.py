@@ -449,6 +449,9 @@ def test_environment_overrides_database_url_and_port(tmp_path):
     ("[server\n", {}),
     ("", {"PERSISTD_PORT": "http"}),
     ("", {"PERSISTD_PORT": "70000"}),
+    ("[journal]\nmode = \"sometimes\"\n", {}),
+    ("[buffer]\nmax_bytes = 2097152\n", {}),  # below max_body_bytes: the largest body could never fit
+    ("[journal]\nmax_bytes = 33554432\n", {}),  # below [buffer] max_bytes
 ])
 def test_invalid_config_is_one_line_and_exit_2(tmp_path, text, env):
     path = tmp_path / "bad.toml"
