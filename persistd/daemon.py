@@ -843,7 +843,7 @@ class Buffer:
         self.records: collections.deque[tuple[int, int]] = collections.deque()  # (seq, bytes) in the journal
         self.journal_bytes = 0
         self.released = 0  # the floor the journal was last told
-        self.replayed_to = math.inf  # while a replay runs: the last record it handed over
+        self.replaying = False  # the journal's records are being handed over; nothing new is accepted
         self.draining = False
         self.last_flush: datetime | None = None
         self.last_error: str | None = None
@@ -885,7 +885,6 @@ class Buffer:
         """Take a journal record's rows, with the seq and accept times they had."""
         self.seq = max(self.seq, seq)
         self._take(key, entries, now)
-        self.replayed_to = seq
 
     def _take(self, key: str, entries: list[Entry], now: float) -> None:
         if not (self.sessions or self.tasks):
@@ -916,8 +915,8 @@ class Buffer:
         for. A task whose session never comes would keep every later record until
         orphan_ttl: copied into a record of their own, they let the journal go on."""
         held = [e for group in self.held.values() for e in group.values()]
-        if not held or min(e.first_seq for e in held) > self.floor():
-            return []
+        if self.replaying or not held or min(e.first_seq for e in held) > self.floor():
+            return []  # (during a replay, a new seq would be one the journal still holds)
         seq = self.next_seq()
         for entry in held:
             entry.first_seq = seq
@@ -925,7 +924,7 @@ class Buffer:
 
     def replay_done(self, last_seq: int) -> None:
         """Every unreleased record is replayed; new writes go on after the journal's last."""
-        self.replayed_to = math.inf
+        self.replaying = False
         self.seq = max(self.seq, last_seq)
 
     def journaled(self, seq: int, nbytes: int) -> None:
@@ -934,12 +933,12 @@ class Buffer:
 
     def floor(self) -> int:
         """The oldest journal record still needed: every row not yet written keeps the
-        records of its writes since it was last written."""
+        records of its writes since it was last written. While a replay runs, `seq` is
+        the last record replayed: the records after it are kept too."""
         groups = [self.sessions, self.tasks, *self.held.values()]
         if self.in_flight is not None:
             groups += [self.in_flight.sessions, self.in_flight.tasks]
-        floor = min((e.first_seq for group in groups for e in group.values()), default=self.seq + 1)
-        return min(floor, self.replayed_to + 1)  # records not replayed yet are needed too
+        return min((e.first_seq for group in groups for e in group.values()), default=self.seq + 1)
 
     def release(self) -> int | None:
         """The new floor for the journal, when it has moved."""
@@ -2212,8 +2211,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
     `shutdown_timeout`; what is still unwritten then stays in the journal for the next
     start (without a journal it goes to the dead-letter file)."""
     buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes)
-    if journal is not None:
-        buf.replayed_to = 0  # nothing may be released before the replay has handed it over
+    buf.replaying = journal is not None  # until ReplayDone
     sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
     next_sweep = trio.current_time() + sweep_every
     drain_deadline = math.inf

@@ -283,9 +283,10 @@ def a_write(draw) -> tuple:
 
 # take: the buffer hands a snapshot to the flusher; writes may follow while it is out.
 # commit / fail: the flusher's transaction commits, or rolls back and the buffer schedules
-# the retry. crash: the process dies; the next one replays the journal. commit_then_crash:
-# the transaction commits and the process dies before the buffer hears of it.
-STEPS = ["take", "commit", "fail", "crash", "commit_then_crash"]
+# the retry. crash: the process dies; the next one replays the journal, a record per
+# replay step (a write first finishes the replay). commit_then_crash: the transaction
+# commits and the process dies before the buffer hears of it.
+STEPS = ["take", "commit", "fail", "crash", "commit_then_crash", "replay"]
 OPS = st.lists(st.one_of(a_write(), st.sampled_from(STEPS).map(lambda step: (step,))), min_size=4, max_size=40)
 
 
@@ -312,20 +313,34 @@ async def visible(conn, buf: Buffer) -> dict[str, tuple]:
 
 
 class Node:
-    """One daemon's memory (a Buffer) over a journal that outlives it."""
+    """One daemon's memory (a Buffer) over a journal that outlives it. It starts by
+    replaying the journal, one record a step; flushes may run meanwhile, as in the daemon,
+    and writes are accepted only once the replay is done (the daemon listens only then)."""
 
     def __init__(self, path) -> None:
         self.journal = journal_at(path)
         self.buf = Buffer(BufferConfig())
         self.snapshot = None  # the one the flusher has
-        self.buf.replayed_to = 0
-        for seq, kind, payload in self.journal.replay():
-            key, entries, nbytes = self.journal.batch(seq, kind, payload)
-            self.buf.journaled(seq, nbytes)
-            self.buf.replay(key, entries, seq, 0.0)
-        self.buf.replay_done(self.journal.last_seq)
+        self.buf.replaying = True
+        self.records = self.journal.replay()
+        self.replaying = True
+
+    def replay_step(self) -> None:
+        record = next(self.records, None) if self.replaying else None
+        if record is not None:
+            key, entries, nbytes = self.journal.batch(*record)
+            self.buf.journaled(record[0], nbytes)
+            self.buf.replay(key, entries, record[0], 0.0)
+        elif self.replaying:
+            self.replaying = False
+            self.buf.replay_done(self.journal.last_seq)
+
+    def listen(self) -> None:
+        while self.replaying:
+            self.replay_step()
 
     def accept(self, rows: list[dict]) -> None:
+        self.listen()
         data = body("tasks", rows)
         seq = self.buf.write("tasks", decode_batch("tasks", data), AT, 0.0, len(data))
         self.buf.journaled(seq, len(data))
@@ -371,6 +386,8 @@ async def play(ops, path) -> dict[str, tuple]:
                 case ("write", rows):
                     node.accept(rows)
                     writes.append(rows)
+                case ("replay",):
+                    node.replay_step()
                 case ("take",):
                     node.take()
                 case ("commit",):
@@ -382,7 +399,10 @@ async def play(ops, path) -> dict[str, tuple]:
                         await write_snapshot(conn, node.snapshot)
                     node.journal.close()
                     node = Node(path)
-            assert await visible(conn, node.buf) == last_acknowledged(writes), f"after step {step}: {op[0]}"
+            if not node.replaying:  # while it runs, the records not yet replayed are not shown
+                assert await visible(conn, node.buf) == last_acknowledged(writes), f"after step {step}: {op[0]}"
+        node.listen()
+        assert await visible(conn, node.buf) == last_acknowledged(writes), "after the last replay"
         for _ in range(20):  # everything out
             node.take()
             await node.commit(conn)
