@@ -156,31 +156,41 @@ async def start_again_and_flush(tmp_path) -> None:
         assert (await process.wait_exit(process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S))[0] == 0
 
 
-async def test_sigterm_while_database_unreachable_exits_0_and_the_next_start_writes_everything(db, tmp_path):
-    """SIGTERM while the database is unreachable: persistd exits 0 within shutdown_timeout
-    (plus the grace for requests); what it could not write stays in the journal, not in
-    the dead-letter file, and the next start writes it all with its last state."""
+LATE_TASKS = [task(f"late-{i:03d}", row_index=i, status="completed") for i in range(100)]
+
+
+async def sigterm_while_database_cut(tmp_path, **sections):
+    """A session and a task written by a first flush; then 100 completed tasks and the
+    session's completion accepted, the database cut, SIGTERM: exit 0 within
+    graceful_timeout + shutdown_timeout."""
     async with tcp_proxy() as proxy:
         async with persistd_process(tmp_path, database={"url": proxy.url()},
-                                    buffer={"shutdown_timeout": 3.0}) as process:
+                                    buffer={"shutdown_timeout": 3.0}, **sections) as process:
             async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
                 assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
                 assert (await post(client, TASKS, "tasks", [task("written")])).status_code == 202
                 assert (await client.post(FLUSH)).status_code == 200  # a first successful flush
-                late_tasks = [task(f"late-{i:03d}", row_index=i, status="completed") for i in range(100)]
-                assert (await post(client, TASKS, "tasks", late_tasks)).status_code == 202
+                assert (await post(client, TASKS, "tasks", LATE_TASKS)).status_code == 202
                 assert (await post(client, SESSIONS, "sessions", [session(status="completed")])).status_code == 202
             await proxy.cut()
             process.signal(signal.SIGTERM)
             bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
-            code, elapsed = await process.wait_exit(bound)
+            code, _ = await process.wait_exit(bound)
             assert code == 0, process.log()[-4000:]
+    return process
+
+
+async def test_sigterm_while_database_unreachable_exits_0_and_the_next_start_writes_everything(db, tmp_path):
+    """SIGTERM while the database is unreachable: persistd exits 0 within shutdown_timeout
+    (plus the grace for requests); what it could not write stays in the journal, not in
+    the dead-letter file, and the next start writes it all with its last state."""
+    process = await sigterm_while_database_cut(tmp_path)
     assert not os.path.exists(os.path.join(process.state_dir, "dead-letter.jsonl"))
     assert await db.query("SELECT task_id FROM translation_tasks") == (("written",),)
 
     await start_again_and_flush(tmp_path)
     rows = await db.query("SELECT task_id, status FROM translation_tasks ORDER BY task_id")
-    assert rows == tuple(sorted([(t["task_id"], "completed") for t in late_tasks] + [("written", "pending")]))
+    assert rows == tuple(sorted([(t["task_id"], "completed") for t in LATE_TASKS] + [("written", "pending")]))
     assert await db.query("SELECT status FROM translation_sessions") == (("completed",),)
     assert [name for name in os.listdir(os.path.join(process.state_dir, "journal")) if name.endswith(".journal")] == []
 
@@ -188,32 +198,17 @@ async def test_sigterm_while_database_unreachable_exits_0_and_the_next_start_wri
 async def test_sigterm_while_database_unreachable_without_a_journal_dead_letters_the_buffer(db, tmp_path):
     """The same with `[journal] mode = "off"`: every buffered row it could not write is in
     <state dir>/dead-letter.jsonl with its reason, table and row."""
-    async with tcp_proxy() as proxy:
-        async with persistd_process(tmp_path, database={"url": proxy.url()},
-                                    buffer={"shutdown_timeout": 3.0}, journal={"mode": "off"}) as process:
-            async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
-                assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
-                assert (await post(client, TASKS, "tasks", [task("written")])).status_code == 202
-                assert (await client.post(FLUSH)).status_code == 200  # a first successful flush
-                late_tasks = [task(f"late-{i:03d}", row_index=i, status="completed") for i in range(100)]
-                assert (await post(client, TASKS, "tasks", late_tasks)).status_code == 202
-                assert (await post(client, SESSIONS, "sessions", [session(status="completed")])).status_code == 202
-            await proxy.cut()
-            process.signal(signal.SIGTERM)
-            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
-            code, elapsed = await process.wait_exit(bound)
-            assert code == 0, process.log()[-4000:]
-
+    process = await sigterm_while_database_cut(tmp_path, journal={"mode": "off"})
     records = dead_letters(process.state_dir)
     for record in records:
         assert {"reason", "table", "row"} <= record.keys()
         assert isinstance(record["reason"], str) and record["reason"]
     by_key = {(r["table"], r["row"].get("task_id") or r["row"]["session_id"]): r for r in records}
     assert len(by_key) == len(records), "a row is in the dead-letter file twice"
-    expected = {("translation_tasks", t["task_id"]) for t in late_tasks} | {("translation_sessions", session()["session_id"])}
+    expected = {("translation_tasks", t["task_id"]) for t in LATE_TASKS} | {("translation_sessions", session()["session_id"])}
     assert by_key.keys() == expected
     assert by_key[("translation_sessions", session()["session_id"])]["row"]["status"] == "completed"
-    assert all(by_key[("translation_tasks", t["task_id"])]["row"]["status"] == "completed" for t in late_tasks)
+    assert all(by_key[("translation_tasks", t["task_id"])]["row"]["status"] == "completed" for t in LATE_TASKS)
     # What was written before stays; nothing of the rest reached MySQL.
     assert await db.query("SELECT task_id FROM translation_tasks") == (("written",),)
     assert await db.query("SELECT status FROM translation_sessions") == (("processing",),)
