@@ -1142,8 +1142,10 @@ def micros(at: datetime) -> bytes:
 
 
 class Journal:
-    """The write-ahead journal's files. Every method blocks on the disk: the journal
-    actor calls them in a worker thread, one at a time, and `run()` before the actors."""
+    """The write-ahead journal's files. Every method blocks on the disk and runs in a
+    worker thread: `open()` before the actors start, then `commit()` from the journal
+    actor, one at a time. A replay's `replay()` reads meanwhile; it only reads segments
+    the buffer keeps (it releases nothing past the last record replayed)."""
 
     def __init__(self, path: Path, cfg: JournalConfig) -> None:
         self.path, self.mode = path, cfg.mode
