@@ -132,6 +132,13 @@ async def daemon(db, tmp_path):
         yield d
 
 
+@pytest.fixture
+async def slow_daemon(db, tmp_path):
+    """A daemon whose buffer is written only when asked (or after 30 s, or 100,000 rows)."""
+    async with running(make_config(tmp_path, buffer={"flush_interval": 30, "flush_rows": 100_000})) as d:
+        yield d
+
+
 # ── rows ─────────────────────────────────────────────────────────────────────────────
 
 SESSION_ID = "550e8400-e29b-41d4-a716-446655440000"

@@ -55,13 +55,6 @@ async def task_count(db, session_id=None) -> int:
     return n
 
 
-@pytest.fixture
-async def slow_daemon(db, tmp_path):
-    """A daemon whose buffer is written only when asked (or after 30 s)."""
-    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as d:
-        yield d
-
-
 # ── §6.1 DELETE ──────────────────────────────────────────────────────────────────────
 
 

@@ -86,13 +86,6 @@ async def walk(d, path, page_size, **params):
     return pages, first
 
 
-@pytest.fixture
-async def slow_daemon(db, tmp_path):
-    """A daemon whose buffer is written only when asked (or after 30 s)."""
-    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as d:
-        yield d
-
-
 # ── shapes ───────────────────────────────────────────────────────────────────────────
 
 FULL_SESSION = session(game_info={"game_name": "Fantasy RPG", "source_language": "en"},

@@ -57,13 +57,6 @@ def sheet_key(t: dict) -> tuple:
     return (t["sheet_name"], t["row_index"], t["column_name"], t["task_id"])
 
 
-@pytest.fixture
-async def slow_daemon(db, tmp_path):
-    """A daemon whose buffer is written only when asked (or after 30 s)."""
-    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as d:
-        yield d
-
-
 # ── §5.1 incomplete sessions ─────────────────────────────────────────────────────────
 
 

@@ -37,7 +37,8 @@ async def stored_task(db, task_id):
 async def test_batch_is_acknowledged_before_anything_is_written(db, tmp_path):
     """202 {"status":"accepted","count":N,"timestamp"} comes back while the rows are
     still only in the buffer; /flush puts them in the database."""
-    async with running(make_config(tmp_path, buffer={"flush_interval": 30})) as d:
+    # Neither flush_interval nor flush_rows may start a flush before /flush does.
+    async with running(make_config(tmp_path, buffer={"flush_interval": 30, "flush_rows": 100_000})) as d:
         r = await d.post(SESSIONS_URL, {"sessions": [session()]})
         assert r.status_code == 202
         r = await d.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(1000)]})
@@ -516,7 +517,32 @@ def test_buffer_refuses_what_would_pass_max_rows():
     assert buf.has_room(1000, 0)
     buf.write("tasks", task_rows(600), AT, 0.0, 0)
     assert not buf.has_room(401, 0)
-    assert buf.has_room(400, 0)
+    assert buf.has_room(400, 0)  # 600 rows are below the low watermark (80 %)
+
+
+def test_once_full_the_buffer_refuses_until_below_the_low_watermark():
+    """Clients back off instead of squeezing a batch into every gap a flush opens, and a
+    buffer over its limit flushes at once instead of after flush_interval."""
+    buf = Buffer(BufferConfig(max_rows=1000))
+    buf.write("tasks", task_rows(900), AT, 0.0, 0)
+    assert not buf.has_room(101, 0)
+    assert not buf.has_room(50, 0)  # 950 would fit, but 900 is above 800
+    snapshot = buf.take_snapshot(0.0)  # due now, though flush_interval has not passed
+    assert snapshot is not None and len(snapshot.tasks) == 900
+    buf.written(0, 900, [], 0.0)
+    assert buf.has_room(50, 0)
+    assert not buf.refusing
+
+
+def test_buffered_bytes_are_limited_too():
+    buf = Buffer(BufferConfig(max_rows=100_000, max_bytes=2_000_000))
+    buf.write("tasks", task_rows(1000), AT, 0.0, 1_000_000)
+    buf.write("tasks", task_rows(1000), AT, 0.0, 1_000_000)  # the same rows again: merged, not added
+    assert buf.bytes == 1_000_000
+    assert not buf.has_room(1, 1_000_001)
+    assert buf.take_snapshot(0.0) is not None  # over the limit: due now
+    buf.written(0, 1000, [], 0.0)
+    assert buf.bytes == 0 and buf.has_room(1, 1_000_000)
 
 
 async def test_every_character_is_stored_as_sent(daemon, db):
