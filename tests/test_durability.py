@@ -38,7 +38,7 @@ SESSIONS = "/api/v1/translation/sessions/batch"
 TASKS = "/api/v1/translation/tasks/batch"
 FLUSH = "/api/v1/translation/flush"
 
-JOURNAL = {"mode": "fsync"}  # the [journal] section every daemon here runs with
+JOURNAL = {"mode": "fsync"}  # the [journal] section of the outage test's daemon
 
 # The seed fixes each round's config, client count and moment of the kill; set
 # PERSISTD_TEST_SEED to repeat them. What the clients send also depends on timing.
@@ -317,7 +317,8 @@ ROUNDS = 12
 # collector; that is the client's side of an unanswered request, not a defect.
 @pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <async_generator object ByteStream.__aiter__:pytest.PytestUnraisableExceptionWarning")
-async def test_kill_9_in_a_loop_loses_no_acknowledged_row(db, tmp_path):
+@pytest.mark.parametrize("mode", ["fsync", "write"])  # both promise that a 202 survives kill -9
+async def test_kill_9_in_a_loop_loses_no_acknowledged_row(db, tmp_path, mode):
     """Twelve rounds of: start persistd on the state dir the last one left, load it from
     2..4 clients, kill -9 at a random moment (0.1..2 s into the load), wait for the exit.
     The rounds vary flush_interval (0.5..2 s), flush_rows and max_rows (3,000 in some rounds,
@@ -337,7 +338,7 @@ async def test_kill_9_in_a_loop_loses_no_acknowledged_row(db, tmp_path):
         clients, kill_after = rng.randint(2, 4), rng.uniform(0.1, 2.0)
         with trio.fail_after(60):
             starting = trio.current_time()
-            async with persistd_process(tmp_path, journal=JOURNAL, buffer=buffer) as process:
+            async with persistd_process(tmp_path, journal={"mode": mode}, buffer=buffer) as process:
                 start_s = trio.current_time() - starting  # including the replay of the journal
                 if round_no == 0:
                     await write_first_session(ledger, process)
@@ -358,7 +359,7 @@ async def test_kill_9_in_a_loop_loses_no_acknowledged_row(db, tmp_path):
               f" unknown {rows[UNKNOWN]}")
 
     starting = trio.current_time()
-    async with persistd_process(tmp_path, journal=JOURNAL, buffer={"flush_timeout": 30.0}) as process:
+    async with persistd_process(tmp_path, journal={"mode": mode}, buffer={"flush_timeout": 30.0}) as process:
         print(f"last start: healthy after {trio.current_time() - starting:.2f} s")
         async with httpx.AsyncClient(base_url=process.url, timeout=60) as http:
             response = await http.post(FLUSH)

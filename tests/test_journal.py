@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DATABASE_URL, SESSION_ID, make_config, running, session, task
+from proxy import tcp_proxy
 from persistd.daemon import (BATCH_KINDS, RECORD, TASKS, Buffer, BufferConfig, Database, DatabaseConfig, Journal,
                              JournalConfig, decode_batch, micros, overlay, upsert, write_snapshot)
 
@@ -186,6 +187,28 @@ async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
         at = datetime.fromisoformat(answer.json()["timestamp"].replace("Z", "+00:00"))
         assert [ids for _, ids in replayed(journal_at(tmp_path / "state" / "journal"), at)] == [["t1"]]
         assert await metric(daemon, "persistence_journal_bytes") > 0
+
+
+async def test_a_session_deleted_while_the_database_is_down_does_not_come_back_at_the_next_start(db, tmp_path):
+    """Rows accepted, then their session DELETEd, all while the database is unreachable,
+    then a stop: the journal still holds the rows and the DELETE. The next start must not
+    write the deleted session's rows; what was accepted for it after the DELETE stays."""
+    async with tcp_proxy() as proxy:
+        await proxy.cut()
+        cut = make_config(tmp_path, database={"url": proxy.url()}, buffer={"shutdown_timeout": 1})
+        async with running(cut) as daemon:
+            for sessions in ([session("gone"), session("kept")], [session("gone", status="completed")]):
+                assert (await daemon.post(SESSIONS_URL, {"sessions": sessions})).status_code == 202
+            assert (await daemon.post(TASKS_URL, {"tasks": [task("g1", session_id="gone"),
+                                                            task("k1", session_id="kept")]})).status_code == 202
+            deleted = await daemon.client.delete("/api/v1/translation/sessions/gone")
+            assert deleted.status_code == 503  # the database delete could not run; the buffer forgot the rows
+            assert (await daemon.post(TASKS_URL, {"tasks": [task("g2", session_id="gone")]})).status_code == 202
+    assert segments(tmp_path / "state" / "journal")
+    async with running(make_config(tmp_path)) as daemon:
+        assert (await daemon.flush())["tasks_waiting_for_session"] == 1  # g2: its session was deleted
+    assert await db.query("SELECT session_id FROM translation_sessions") == (("kept",),)
+    assert await db.query("SELECT task_id FROM translation_tasks") == (("k1",),)
 
 
 def test_mode_off_refuses_to_start_over_unwritten_journal_records(tmp_path):
