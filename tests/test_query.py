@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from conftest import SESSION_ID, make_config, running, session, task
+from conftest import SESSION_ID, session, task
 
 SESSIONS = "/api/v1/translation/sessions"
 TASKS = "/api/v1/translation/tasks"
