@@ -1287,31 +1287,25 @@ class DeadLetters:
         self.path, self.metrics = path, metrics
 
     def write(self, reason: str, rows: list[tuple[str, Entry]], error: str | None = None) -> None:
-        if not rows:
-            return
-        at = utc_now()
-        with open(self.path, "ab") as f:
-            for table, e in rows:
-                record = {"reason": reason, "at": at, "table": table, "row": e.row,
-                          "created_at": e.created_at, "updated_at": e.updated_at}
-                if error is not None:
-                    record["error"] = error
-                f.write(msgspec.json.encode(record) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.metrics.dead_letters.labels(reason).inc(len(rows))
-        log.error("%d rows moved to %s: %s", len(rows), self.path, reason)
+        extra = {} if error is None else {"error": error}
+        self._append(reason, [{"table": table, "row": e.row, "created_at": e.created_at,
+                               "updated_at": e.updated_at, **extra} for table, e in rows])
 
     def write_body(self, reason: str, table: str, body: bytes, error: str) -> None:
         """A journal record that no longer decodes (a later version validates more)."""
-        record = {"reason": reason, "at": utc_now(), "table": table, "error": error,
-                  "body": body.decode(errors="replace")}
+        self._append(reason, [{"table": table, "error": error, "body": body.decode(errors="replace")}])
+
+    def _append(self, reason: str, records: list[dict]) -> None:
+        if not records:
+            return
+        at = utc_now()
         with open(self.path, "ab") as f:
-            f.write(msgspec.json.encode(record) + b"\n")
+            for record in records:
+                f.write(msgspec.json.encode({"reason": reason, "at": at, **record}) + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        self.metrics.dead_letters.labels(reason).inc()
-        log.error("a journal record of %s moved to %s: %s", table, self.path, reason)
+        self.metrics.dead_letters.labels(reason).inc(len(records))
+        log.error("%d rows moved to %s: %s", len(records), self.path, reason)
 
 
 # ── storage: MySQL ───────────────────────────────────────────────────────────────────
