@@ -2402,12 +2402,13 @@ async def janitor_run(cfg: Config, db: Database, stop: trio.Event) -> None:
 
 
 async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_letters: DeadLetters,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, stop: trio.Event) -> None:
     """Hand the journal's unreleased batches to the buffer as they were accepted, one
-    record at a time, waiting for room when the backlog is larger than the buffer."""
+    record at a time, waiting for room when the backlog is larger than the buffer. A
+    signal stops it between records: what was not handed over stays in the journal."""
     records = journal.replay()
     replayed = 0
-    while (record := await trio.to_thread.run_sync(next, records, None)) is not None:
+    while not stop.is_set() and (record := await trio.to_thread.run_sync(next, records, None)) is not None:
         seq, kind, payload = record
         try:
             key, entries, nbytes = journal.batch(seq, kind, payload)
@@ -2416,11 +2417,17 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
             dead_letters.write_body("refused_at_replay", table, payload, str(exc))
             continue
         while not await ask_buffer(to_buffer, Room, len(entries), nbytes):
+            if stop.is_set():
+                break
             await trio.sleep(REPLAY_WAIT_S)
-        await ask_buffer(to_buffer, Replayed, key, entries, nbytes, seq)
-        replayed += len(entries)
-    await to_buffer.send(ReplayDone(journal.last_seq))
+        else:
+            await ask_buffer(to_buffer, Replayed, key, entries, nbytes, seq)
+            replayed += len(entries)
     metrics.replayed_rows.inc(replayed)
+    if stop.is_set():
+        log.warning("stopped during the replay: %d rows replayed; the rest stays in the journal", replayed)
+        return
+    await to_buffer.send(ReplayDone(journal.last_seq))
     if replayed:
         log.info("journal: %d rows replayed", replayed)
 
@@ -2453,7 +2460,7 @@ async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int
                 nursery.start_soon(journal_actor, journal, journal_inbox)
             nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters)
             if journal is not None:
-                await replay(journal, to_buffer, dead_letters, metrics)
+                await replay(journal, to_buffer, dead_letters, metrics, stop)
             nursery.start_soon(janitor_actor, cfg, db, to_buffer.clone(), stop)
             port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
             task_status.started(port)

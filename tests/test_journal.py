@@ -3,8 +3,10 @@ database has it; a start replays what is unreleased; a torn or corrupt tail is k
 and never stops a start. Rows the database refuses go to the dead-letter file while the
 rest of their batch is written. The crash loop and the outage run in test_durability.py."""
 
+import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -19,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DATABASE_URL, SESSION_ID, make_config, running, session, task
 from proxy import tcp_proxy
 from persistd.daemon import (BATCH_KINDS, RECORD, TASKS, Buffer, BufferConfig, Database, DatabaseConfig, Journal,
-                             JournalConfig, decode_batch, micros, overlay, upsert, write_snapshot)
+                             JournalConfig, decode_batch, micros, overlay, run, upsert, write_snapshot)
 
 TASKS_URL = "/api/v1/translation/tasks/batch"
 SESSIONS_URL = "/api/v1/translation/sessions/batch"
@@ -178,6 +180,44 @@ async def test_a_start_replays_the_journal_before_it_listens(db, tmp_path):
         rows = await db.query("SELECT task_id, status, target_text FROM translation_tasks ORDER BY task_id")
         assert rows == (("t1", "completed", "done"), ("t2", "pending", None))
     assert segments(path) == []  # everything written: released
+
+
+async def test_a_signal_during_a_long_replay_stops_the_daemon_and_keeps_the_journal(db, tmp_path):
+    """The database is down and the backlog is three times the buffer: the replay waits
+    for room that never comes. A signal then stops the daemon within shutdown_timeout
+    without it ever listening, and every record is still in the journal."""
+    path = tmp_path / "state" / "journal"
+    path.mkdir(parents=True)
+    journal = journal_at(path)
+    for seq in (1, 2, 3):
+        append(journal, seq, "tasks", [task(f"t{seq}-{i}") for i in range(1000)])
+    journal.close()
+    before = {name: (path / name).read_bytes() for name in segments(path)}
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"mysql://root@127.0.0.1:{unused.getsockname()[1]}/persistd_test"
+    cfg = make_config(tmp_path, database={"url": nobody}, buffer={"max_rows": 1000, "shutdown_timeout": 1})
+    stop = trio.Event()
+    listening = []
+    with trio.fail_after(1.0 + cfg.buffer.shutdown_timeout + 5):  # run() returns on its own
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(run, cfg, stop, task_status=StartedAt(listening)))
+            await trio.sleep(1.0)
+            assert not listening
+            stop.set()
+    for name, data in before.items():
+        assert (path / name).read_bytes()[:len(data)] == data
+    assert [ids[:1] for _, ids in replayed(journal_at(path))] == [["t1-0"], ["t2-0"], ["t3-0"]]
+
+
+class StartedAt:
+    """A task_status that records the port run() reports, if it ever does."""
+
+    def __init__(self, ports: list) -> None:
+        self.ports = ports
+
+    def started(self, port=None) -> None:
+        self.ports.append(port)
 
 
 async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
