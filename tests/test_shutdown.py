@@ -141,6 +141,14 @@ async def test_signal_stops_accepting_new_connections(db, tmp_path, signum):
 # ── shutdown while the database is away ──────────────────────────────────────────────
 
 
+async def sigterm_exits_0(process) -> None:
+    """SIGTERM: persistd exits 0 within graceful_timeout + shutdown_timeout (and slack)."""
+    process.signal(signal.SIGTERM)
+    bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
+    code, _ = await process.wait_exit(bound)
+    assert code == 0, process.log()[-4000:]
+
+
 def dead_letters(state_dir) -> list[dict]:
     path = os.path.join(state_dir, "dead-letter.jsonl")
     with open(path, encoding="utf-8") as f:
@@ -173,10 +181,7 @@ async def sigterm_while_database_cut(tmp_path, **sections):
                 assert (await post(client, TASKS, "tasks", LATE_TASKS)).status_code == 202
                 assert (await post(client, SESSIONS, "sessions", [session(status="completed")])).status_code == 202
             await proxy.cut()
-            process.signal(signal.SIGTERM)
-            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
-            code, _ = await process.wait_exit(bound)
-            assert code == 0, process.log()[-4000:]
+            await sigterm_exits_0(process)
     return process
 
 
@@ -243,10 +248,7 @@ async def test_dead_letter_file_ends_with_the_state_accepted_last(db, tmp_path):
                         await trio.sleep(0.05)
                 for key, rows in newer.items():
                     assert (await post(client, f"/api/v1/translation/{key}/batch", key, rows)).status_code == 202
-            process.signal(signal.SIGTERM)
-            code, _ = await process.wait_exit(process.cfg["server"]["graceful_timeout"]
-                                              + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S)
-            assert code == 0, process.log()[-4000:]
+            await sigterm_exits_0(process)
 
     last_state: dict[tuple[str, str], dict] = {}
     for record in dead_letters(process.state_dir):  # a replay: later lines win
@@ -270,10 +272,7 @@ async def test_sigterm_while_database_stops_answering_exits_within_shutdown_time
                 assert (await client.post(FLUSH)).status_code == 200
                 assert (await post(client, TASKS, "tasks", [task("unanswered")])).status_code == 202
             proxy.stall()
-            process.signal(signal.SIGTERM)
-            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
-            code, elapsed = await process.wait_exit(bound)
-            assert code == 0, process.log()[-4000:]
+            await sigterm_exits_0(process)
             await proxy.cut()
     assert await db.query("SELECT task_id FROM translation_tasks") == ()
     await start_again_and_flush(tmp_path)
@@ -293,10 +292,7 @@ async def test_sigterm_during_a_hung_flush_exits_within_shutdown_timeout(db, tmp
                 proxy.stall()
                 assert (await post(client, TASKS, "tasks", [task("stuck")])).status_code == 202
                 await trio.sleep(1.0)  # the flusher is now waiting for an answer that never comes
-            process.signal(signal.SIGTERM)
-            bound = process.cfg["server"]["graceful_timeout"] + process.cfg["buffer"]["shutdown_timeout"] + EXIT_MARGIN_S
-            code, elapsed = await process.wait_exit(bound)
-            assert code == 0, process.log()[-4000:]
+            await sigterm_exits_0(process)
             await proxy.cut()
     assert await db.query("SELECT task_id FROM translation_tasks") == ()
     await start_again_and_flush(tmp_path)

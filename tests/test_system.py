@@ -376,29 +376,28 @@ async def test_metrics_endpoint_label_is_the_route_template(daemon):
 # ── errors for routes ────────────────────────────────────────────────────────────────
 
 
-async def test_unknown_route_is_404_in_the_error_format(daemon):
-    """An unknown path is 404 with {"detail", "error_code", "errors"}."""
-    response = await daemon.get("/api/v1/translation/nothing-here")
-    assert response.status_code == 404
+def assert_error_format(response, status: int, error_code: str, where=None) -> None:
+    """DESIGN.md's error format: exactly {"detail", "error_code", "errors"}, as JSON."""
+    assert response.status_code == status, where
     assert response.headers["content-type"].startswith("application/json")
     body = msgspec.json.decode(response.content)
     assert body.keys() == ERROR_KEYS
-    assert body["error_code"] == "NOT_FOUND"
+    assert body["error_code"] == error_code
     assert isinstance(body["detail"], str) and body["detail"]
     assert body["errors"] == []
+
+
+async def test_unknown_route_is_404_in_the_error_format(daemon):
+    """An unknown path is 404 with {"detail", "error_code", "errors"}."""
+    response = await daemon.get("/api/v1/translation/nothing-here")
+    assert_error_format(response, 404, "NOT_FOUND")
 
 
 async def test_wrong_method_is_405_in_the_error_format(daemon):
     """A known path with the wrong method is 405 with {"detail", "error_code", "errors"}."""
     for method, path in [("GET", FLUSH), ("DELETE", "/health"), ("PUT", SESSIONS), ("POST", METRICS)]:
         response = await daemon.client.request(method, path)
-        assert response.status_code == 405, (method, path)
-        assert response.headers["content-type"].startswith("application/json")
-        body = msgspec.json.decode(response.content)
-        assert body.keys() == ERROR_KEYS
-        assert body["error_code"] == "METHOD_NOT_ALLOWED"
-        assert isinstance(body["detail"], str) and body["detail"]
-        assert body["errors"] == []
+        assert_error_format(response, 405, "METHOD_NOT_ALLOWED", (method, path))
 
 
 async def test_wrong_method_names_the_allowed_methods(daemon):
