@@ -1361,15 +1361,35 @@ class Table(NamedTuple):
     key: str
     required: tuple[str, ...]  # fields every request row has, in column order
     optional: tuple[str, ...]  # fields a row may leave out: the stored value is kept
+    counted: bool  # kept up to date in task_counts
 
 
-def _table(name: str, key: str, row_type: type) -> Table:
+def _table(name: str, key: str, row_type: type, counted: bool) -> Table:
     fields = msgspec.structs.fields(row_type)
-    return Table(name, key, tuple(f.name for f in fields if f.required), OPTIONAL_FIELDS[row_type])
+    return Table(name, key, tuple(f.name for f in fields if f.required), OPTIONAL_FIELDS[row_type], counted)
 
 
-SESSIONS = _table("translation_sessions", "session_id", SessionIn)
-TASKS = _table("translation_tasks", "task_id", TaskIn)
+SESSIONS = _table("translation_sessions", "session_id", SessionIn, counted=False)
+TASKS = _table("translation_tasks", "task_id", TaskIn, counted=True)
+
+# task_counts: the tasks by session, status and hour of creation, changed in the transaction
+# that changes the tasks. An upsert first counts out the stored states of its rows, then
+# counts in their new ones, both in the database: a partial update keeps stored fields, and
+# a task that already exists keeps its created_at.
+CREATED_HOUR = "FROM_UNIXTIME(UNIX_TIMESTAMP(created_at) DIV 3600 * 3600)"
+COUNT_COLUMNS = "session_id, status, created_hour, tasks, duration_ms_sum, durations"
+ADD_COUNTS = (" ON DUPLICATE KEY UPDATE tasks = tasks + VALUES(tasks),"
+              " duration_ms_sum = duration_ms_sum + VALUES(duration_ms_sum), durations = durations + VALUES(durations)")
+
+
+def count_tasks_sql(sign: str, where: str) -> str:
+    """Adds (sign "") or takes away (sign "-") the tasks that match `where` as they are stored."""
+    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT session_id, status, {CREATED_HOUR},"
+            f" {sign}COUNT(*), {sign}COALESCE(SUM(duration_ms), 0), {sign}COUNT(duration_ms)"
+            f" FROM translation_tasks WHERE {where} GROUP BY 1, 2, 3" + ADD_COUNTS)
+
+
+RECOUNT_TASKS = count_tasks_sql("", "TRUE")
 
 
 def sql_value(value: Any) -> str:
@@ -1412,7 +1432,20 @@ def group_by_shape(table: Table, entries: typing.Iterable[Entry]) -> dict[tuple[
     return groups
 
 
-def upsert_statements(table: Table, entries: list[Entry]) -> list[str]:
+class Statement(NamedTuple):
+    sql: str
+    count_out: str | None  # for a counted table: takes the rows' stored states out of task_counts
+    count_in: str | None  # and adds their new states, once `sql` has run
+
+
+def with_counts(table: Table, sql: str, keys: list[str]) -> Statement:
+    if not table.counted:
+        return Statement(sql, None, None)
+    where = f"{table.key} IN ({','.join(keys)})"
+    return Statement(sql, count_tasks_sql("-", where), count_tasks_sql("", where))
+
+
+def upsert_statements(table: Table, entries: list[Entry]) -> list[Statement]:
     """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
     STATEMENT_MAX_ROWS rows and STATEMENT_MAX_BYTES each."""
     statements = []
@@ -1420,18 +1453,21 @@ def upsert_statements(table: Table, entries: list[Entry]) -> list[str]:
         columns = table.required + shape
         head, tail = statement_frame(table, columns)
         values_of = operator.attrgetter(*columns)
+        key_of = operator.attrgetter(table.key)
         values: list[str] = []
+        keys: list[str] = []
         size = 0
         for entry in group:
             literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
                 sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
             if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > STATEMENT_MAX_BYTES:
-                statements.append(head + ",".join(values) + tail)
-                values, size = [], 0
+                statements.append(with_counts(table, head + ",".join(values) + tail, keys))
+                values, keys, size = [], [], 0
             values.append(literal)
+            keys.append(sql_value(key_of(entry.row)))
             size += len(literal) + 1
         if values:
-            statements.append(head + ",".join(values) + tail)
+            statements.append(with_counts(table, head + ",".join(values) + tail, keys))
     return statements
 
 
@@ -1442,7 +1478,7 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
     decoding a body in one go) would starve it under load and be held up by it. The GIL
     hands over every `sys.getswitchinterval()`, so both keep moving. The buffer does not
     touch a snapshot's rows while the flusher has it."""
-    statements, ready = trio.open_memory_channel[str](1)
+    statements, ready = trio.open_memory_channel[Statement](1)
 
     async def build() -> None:
         async with statements:
@@ -1456,7 +1492,17 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
             nursery.start_soon(build)
             async with ready:
                 async for statement in ready:
-                    await conn.query(statement)
+                    if statement.count_out is None:
+                        await conn.query(statement.sql)
+                        continue
+                    await conn.query(statement.count_out)
+                    try:
+                        await conn.query(statement.sql)
+                    except trio_mysql.MySQLError as exc:
+                        if exc.args and exc.args[0] in ROW_REFUSED:  # undone alone: count the rows back in
+                            await conn.query(statement.count_in)
+                        raise
+                    await conn.query(statement.count_in)
     except* DB_ERRORS as group:  # the nursery wraps what its body raised; callers expect it bare
         raise group.exceptions[0] from None
 
@@ -1503,8 +1549,18 @@ async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> Wri
 
 async def ensure_schema(conn: trio_mysql.Connection) -> None:
     text = "\n".join(line for line in SCHEMA_PATH.read_text().splitlines() if not line.startswith("--"))
-    for statement in filter(str.strip, text.split(";")):
-        await conn.query(statement)
+    for sql in filter(str.strip, text.split(";")):
+        await conn.query(sql)
+
+
+async def recount_tasks(conn: trio_mysql.Connection) -> None:
+    """task_counts anew from the tasks, in one transaction: persistd keeps it exact for what
+    it writes, this counts in what was written by other means (a bulk load, an operator's
+    hand). Reads every task's status index entry: about a second a million tasks."""
+    await conn.query("BEGIN")
+    await conn.query("DELETE FROM task_counts")
+    await conn.query(RECOUNT_TASKS)
+    await conn.query("COMMIT")
 
 
 SESSION_COLUMNS = ("session_id, filename, file_path, status, game_info, llm_provider, metadata, total_tasks,"
@@ -1600,7 +1656,11 @@ async def list_session_tasks(conn: trio_mysql.Connection, session_id: str, q: Se
     if q.sheet_name is not None:
         where.append("sheet_name = %s")
         args.append(q.sheet_name)
-    total = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks" + where_clause(where), *args)
+    if q.sheet_name is None:
+        equal = {"session_id": session_id} | ({} if q.status is None else {"status": q.status})
+        total = await count_tasks(conn, equal, None, None)
+    else:  # not in task_counts: counted in the session's index
+        total = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks" + where_clause(where), *args)
     rows = await fetch(conn, page_of_tasks(where, SHEET_ORDER), *args, q.page_size, (q.page - 1) * q.page_size)
     return total, rows
 
@@ -1615,17 +1675,56 @@ def page_of_tasks(where: list[str], order: str) -> str:
 async def list_tasks(conn: trio_mysql.Connection, q: TaskQuery) -> tuple[int, list[dict]]:
     """Newest first; ties broken by task_id so pages never overlap or skip."""
     where, args = ([], [])
-    if q.session_id is not None:
-        where.append("session_id = %s")
-        args.append(q.session_id)
-    if q.status is not None:
-        where.append("status = %s")
-        args.append(q.status)
+    equal = {name: value for name, value in (("session_id", q.session_id), ("status", q.status)) if value is not None}
+    for name, value in equal.items():
+        where.append(f"{name} = %s")
+        args.append(value)
     date_filters(q, where, args)
-    total = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks" + where_clause(where), *args)
+    total = await count_tasks(conn, equal, q.from_date, q.to_date)
     rows = await fetch(conn, page_of_tasks(where, "created_at DESC, task_id DESC"),
                        *args, q.page_size, (q.page - 1) * q.page_size)
     return total, rows
+
+
+def hour_floor(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+async def count_tasks(conn: trio_mysql.Connection, equal: dict[str, str], from_date: datetime | None,
+                      to_date: datetime | None) -> int:
+    """What COUNT(*) would say of the tasks whose columns hold `equal` (session_id, status)
+    and that were created from `from_date` to `to_date`, both included: the whole hours in
+    between summed from task_counts, the partial hours at the two ends counted in the
+    tasks' indexes (at most an hour of tasks at each end)."""
+    lowest, highest = as_utc(TIMESTAMP_MIN), as_utc(TIMESTAMP_MAX)
+    start = None if from_date is None else as_utc(from_date)
+    end = None if to_date is None else as_utc(to_date)
+    if (start is not None and start > highest) or (end is not None and end < lowest):
+        return 0
+    # [start, end) in whole seconds, the unit of created_at; no bound where none is needed.
+    start = None if start is None or start <= lowest else start + timedelta(microseconds=-start.microsecond % 10**6)
+    end = None if end is None or end >= highest else end.replace(microsecond=0) + timedelta(seconds=1)
+    first = None if start is None else hour_floor(start + timedelta(hours=1, seconds=-1))
+    last = None if end is None else hour_floor(end)
+    values = list(equal.values())
+    parts: list[str] = []
+    args: list[Any] = []
+
+    def between(table: str, what: str, column: str, low: datetime | None, high: datetime | None) -> None:
+        where = [f"{name} = %s" for name in equal]  # the names are ours, never request text
+        where += [f"{column} >= %s"] * (low is not None) + [f"{column} < %s"] * (high is not None)
+        parts.append(f"(SELECT {what} FROM {table}{where_clause(where)})")
+        args.extend(values + [low] * (low is not None) + [high] * (high is not None))
+
+    if first is not None and last is not None and first >= last:  # no whole hour in the range
+        between("translation_tasks", "COUNT(*)", "created_at", start, end)
+    else:
+        between("task_counts", "COALESCE(SUM(tasks), 0)", "created_hour", first, last)
+        if start is not None and start < first:
+            between("translation_tasks", "COUNT(*)", "created_at", start, first)
+        if end is not None and last < end:
+            between("translation_tasks", "COUNT(*)", "created_at", last, end)
+    return await count(conn, f"SELECT {' + '.join(parts)} AS n", *args)
 
 
 async def incomplete_sessions(conn: trio_mysql.Connection) -> list[dict]:
@@ -1645,15 +1744,31 @@ async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list
         return [RestoredTask(*row[:7], row[7].replace(tzinfo=UTC)) for row in await cursor.fetchall()]
 
 
-async def delete_chunked(conn: trio_mysql.Connection, sql: str, *args: Any) -> int:
-    """Repeats a DELETE ... LIMIT until it deletes nothing more. Autocommit: each chunk
-    commits, so concurrent writes wait at most one chunk."""
+async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> int:
+    """Deletes the tasks that match `where`, DELETE_CHUNK_ROWS at a time until none is left.
+    Each chunk is a transaction that also takes the deleted tasks out of task_counts, so
+    concurrent writes wait at most one chunk and every commit leaves the counts exact."""
     deleted = 0
     while True:
+        await conn.query("BEGIN")
         async with conn.cursor() as cursor:
-            n = await cursor.execute(f"{sql} LIMIT {DELETE_CHUNK_ROWS}", args)
-        deleted += n
-        if n < DELETE_CHUNK_ROWS:
+            await cursor.execute(f"DELETE FROM translation_tasks WHERE {where} LIMIT {DELETE_CHUNK_ROWS}"
+                                 f" RETURNING session_id, status, {CREATED_HOUR}, duration_ms", args)
+            gone = await cursor.fetchall()
+        counts: dict[tuple, list[int]] = {}
+        for session_id, status, hour, duration_ms in gone:
+            n = counts.setdefault((session_id, status, hour), [0, 0, 0])
+            n[0] -= 1
+            if duration_ms is not None:
+                n[1] -= duration_ms
+                n[2] -= 1
+        if counts:
+            await conn.query(f"INSERT INTO task_counts ({COUNT_COLUMNS}) VALUES "
+                             + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items())
+                             + ADD_COUNTS)
+        await conn.query("COMMIT")
+        deleted += len(gone)
+        if len(gone) < DELETE_CHUNK_ROWS:
             return deleted
 
 
@@ -1665,7 +1780,7 @@ async def delete_session(conn: trio_mysql.Connection, session_id: str, buffered_
         chunk = buffered_tasks[i:i + DELETE_CHUNK_ROWS]
         unwritten -= {r["task_id"] for r in await fetch(
             conn, "SELECT task_id FROM translation_tasks WHERE task_id IN %s", chunk)}
-    deleted = await delete_chunked(conn, "DELETE FROM translation_tasks WHERE session_id = %s", session_id)
+    deleted = await delete_tasks(conn, "session_id = %s", session_id)
     async with conn.cursor() as cursor:
         existed = await cursor.execute("DELETE FROM translation_sessions WHERE session_id = %s", (session_id,))
     return bool(existed), deleted + len(unwritten)
@@ -1685,7 +1800,7 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
     counts the same rows and deletes none."""
     if dry_run:
         sessions = await count(conn, f"SELECT COUNT(*) AS n FROM translation_sessions WHERE {CLEANUP_WHERE}", *cutoffs)
-        tasks = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks WHERE session_id IN"
+        tasks = await count(conn, "SELECT SUM(tasks) AS n FROM task_counts WHERE session_id IN"
                                   f" (SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE})", *cutoffs)
         return sessions, tasks
     sessions = tasks = 0
@@ -1695,24 +1810,25 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
                   f" ORDER BY session_id LIMIT {CLEANUP_CHUNK_SESSIONS}", *cutoffs)]
         if not ids:
             return sessions, tasks
-        tasks += await delete_chunked(conn, "DELETE FROM translation_tasks WHERE session_id IN %s", ids)
+        tasks += await delete_tasks(conn, "session_id IN %s", ids)
         async with conn.cursor() as cursor:
             sessions += await cursor.execute("DELETE FROM translation_sessions WHERE session_id IN %s", (ids,))
     return sessions, tasks
 
 
 async def read_stats(conn: trio_mysql.Connection) -> Stats:
+    """Tasks from task_counts; sessions, far fewer, from their own index."""
     by_status = {}
-    for table, statuses in (("translation_sessions", typing.get_args(SessionStatus)),
-                            ("translation_tasks", typing.get_args(TaskStatus))):
+    for table, n, statuses in (("translation_sessions", "COUNT(*)", typing.get_args(SessionStatus)),
+                               ("task_counts", "SUM(tasks)", typing.get_args(TaskStatus))):
         counts = {r["status"]: int(r["n"]) for r in await fetch(
-            conn, f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status")}
+            conn, f"SELECT status, {n} AS n FROM {table} GROUP BY status")}
         by_status[table] = {"total": sum(counts.values()), **{s: counts.get(s, 0) for s in statuses}}
-    tasks = by_status["translation_tasks"]
+    tasks = by_status["task_counts"]
     session_time = (await fetch_one(conn, "SELECT AVG(TIMESTAMPDIFF(SECOND, created_at, updated_at)) AS s"
                                           " FROM translation_sessions WHERE status = 'completed'"))["s"]
-    task_ms = (await fetch_one(conn, "SELECT AVG(duration_ms) AS ms FROM translation_tasks"
-                                     " WHERE status = 'completed'"))["ms"]
+    task_ms = (await fetch_one(conn, "SELECT SUM(duration_ms_sum) / NULLIF(SUM(durations), 0) AS ms"
+                                     " FROM task_counts WHERE status = 'completed'"))["ms"]
     finished = tasks["completed"] + tasks["failed"]
     catalog = {r["name"]: r for r in await fetch(
         conn, "SELECT table_name AS name, table_rows AS n, data_length + index_length AS bytes"
@@ -2330,15 +2446,27 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
                         metrics: Metrics) -> None:
     """Writes each job's snapshot in one transaction and reports Written or Failed. One
     dedicated connection, replaced after any failure. No policy lives here."""
-    conn = None
-    try:  # create the database and tables at start, so that reads work before any write
+    recounted = False
+
+    async def connect() -> trio_mysql.Connection:
+        """Creates the database and tables when missing; the first time, recounts the tasks."""
+        nonlocal recounted
         conn = await db.connect(create=True)
-        await ensure_schema(conn)
+        try:
+            await ensure_schema(conn)
+            if not recounted:
+                await recount_tasks(conn)
+                recounted = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    conn = None
+    try:  # at start, so that reads work before any write
+        conn = await connect()
     except DB_ERRORS as exc:
         log.warning("database not ready at start (writes will retry): %s: %s", type(exc).__name__, exc)
-        if conn is not None:
-            conn.close()
-            conn = None
     async with jobs, results:
         async for snapshot, scope in jobs:
             started = trio.current_time()
@@ -2346,8 +2474,7 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
             with scope:
                 try:
                     if conn is None:
-                        conn = await db.connect(create=True)
-                        await ensure_schema(conn)
+                        conn = await connect()
                     outcome = await write_snapshot(conn, snapshot)
                 except DB_ERRORS as exc:
                     outcome = Failed(f"{type(exc).__name__}: {exc}")

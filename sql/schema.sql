@@ -62,3 +62,20 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
     INDEX idx_session_sheet (session_id, sheet_name, row_index, column_name),   -- GET /sessions/{id}/tasks
     INDEX idx_session_status_sheet (session_id, status, sheet_name, row_index, column_name)  -- ?status, restore
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- The tasks counted by session, status and hour of creation, kept exact by persistd in the
+-- transaction that writes or deletes the tasks (issue 3): a list's `total` and the stats sum
+-- these rows instead of counting a million tasks. Tasks written by other means are counted
+-- at persistd's next start, which recounts the table from the tasks.
+CREATE TABLE IF NOT EXISTS task_counts (
+    session_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
+    status VARCHAR(20) NOT NULL,
+    created_hour TIMESTAMP NOT NULL,
+    tasks INT NOT NULL,
+    duration_ms_sum BIGINT NOT NULL,  -- of the tasks with a duration_ms
+    durations INT NOT NULL,           -- how many tasks have a duration_ms
+    PRIMARY KEY (session_id, status, created_hour),                             -- ?session_id
+    FOREIGN KEY (session_id) REFERENCES translation_sessions(session_id) ON DELETE CASCADE,
+    INDEX idx_status_hour (status, created_hour, tasks),                        -- ?status, stats
+    INDEX idx_hour (created_hour, tasks)                                        -- no filter, dates only
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

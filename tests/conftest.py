@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from persistd.daemon import (Config, Database, DatabaseConfig, DeadLetters, Metrics, SessionIn, TaskIn, Write,
-                             buffer_actor, ensure_schema, run)
+                             buffer_actor, ensure_schema, recount_tasks, run)
 
 DATABASE_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "mysql://root@127.0.0.1:3306/persistd_test")
 
@@ -28,6 +28,14 @@ def make_config(tmp_path, **sections) -> Config:
     return msgspec.convert(base, Config)
 
 
+# task_counts without its empty rows, and what a recount of the tasks makes of it: equal
+# whenever persistd has kept the counts exact.
+KEPT_COUNTS = ("SELECT session_id, status, created_hour, tasks, duration_ms_sum, durations FROM task_counts"
+               " WHERE tasks <> 0 OR duration_ms_sum <> 0 OR durations <> 0 ORDER BY 1, 2, 3")
+RECOUNTED = ("SELECT session_id, status, TIMESTAMP(DATE_FORMAT(created_at, '%Y-%m-%d %H:00:00')), COUNT(*),"
+             " COALESCE(SUM(duration_ms), 0), COUNT(duration_ms) FROM translation_tasks GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+
+
 class Db:
     """Direct SQL for setting up and checking what persistd wrote."""
 
@@ -41,18 +49,26 @@ class Db:
                 return await cursor.fetchall()
 
     async def insert(self, table: str, rows: list[dict], chunk: int = 1000) -> None:
-        """Rows straight into a table (old rows, large data sets), bypassing persistd."""
+        """Rows straight into a table (old rows, large data sets), bypassing persistd;
+        tasks are then counted as persistd counts them at its start."""
         columns = list(rows[0])
         for i in range(0, len(rows), chunk):
             part = rows[i:i + chunk]
             values = ",".join(["(" + ",".join(["%s"] * len(columns)) + ")"] * len(part))
             await self.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}",
                              *[row[c] for row in part for c in columns])
+        if table == "translation_tasks":
+            async with self.database.connection() as conn:
+                await recount_tasks(conn)
+
+    async def assert_counts_exact(self) -> None:
+        assert await self.query(KEPT_COUNTS) == await self.query(RECOUNTED)
 
     async def reset(self) -> None:
         conn = await self.database.connect(create=True)
         try:
             await ensure_schema(conn)
+            await conn.query("DELETE FROM task_counts")
             await conn.query("DELETE FROM translation_tasks")
             await conn.query("DELETE FROM translation_sessions")
         finally:

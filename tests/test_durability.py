@@ -370,6 +370,7 @@ async def test_kill_9_in_a_loop_loses_no_acknowledged_row(db, tmp_path, mode):
 
     problems = judge(ledger, stored)
     assert not problems, f"{problems}\n{summary(ledger)}\nlog: {tmp_path / 'persistd.log'}"
+    await db.assert_counts_exact()
     assert not ledger.unexpected, f"seed {SEED}: answers outside the interface:\n" + "\n".join(ledger.unexpected[:20])
     assert ledger.rows[ACKED] and ledger.rows[REFUSED], \
         f"the load must have had batches acknowledged and refused: {summary(ledger)}"
@@ -456,6 +457,7 @@ async def test_mysql_unreachable_for_30_s_under_load_loses_no_acknowledged_row(d
     assert ledger.rows[UNKNOWN] == 0
     problems = judge(ledger, stored)
     assert not problems, f"{problems}\n{summary(ledger)}\nlog: {tmp_path / 'persistd.log'}"
+    await db.assert_counts_exact()
 
     assert all((s.code, s.status) in {(200, "healthy"), (503, "degraded")} for s in samples), samples
     assert any(s.phase == "during" and (s.code, s.status) == (503, "degraded") for s in samples), \

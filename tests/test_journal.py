@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DATABASE_URL, SESSION_ID, make_config, running, session, task
+from conftest import DATABASE_URL, KEPT_COUNTS, RECOUNTED, SESSION_ID, make_config, running, session, task
 from proxy import tcp_proxy
 from persistd.daemon import (BATCH_KINDS, RECORD, TASKS, Buffer, BufferConfig, Database, DatabaseConfig, Journal,
                              JournalConfig, decode_batch, micros, overlay, run, upsert, write_snapshot)
@@ -290,6 +290,7 @@ async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_r
     record = json.loads(line)
     assert (record["reason"], record["table"], record["row"]["task_id"]) == ("refused_by_database", "translation_tasks", "t537")
     assert record["error"].startswith("4025:")
+    await db.assert_counts_exact()
 
 
 async def test_a_task_whose_session_never_comes_does_not_keep_the_journal_growing(db, tmp_path):
@@ -440,6 +441,7 @@ class Node:
 async def play(ops, path) -> dict[str, tuple]:
     conn = await Database(DatabaseConfig(url=DATABASE_URL)).connect(create=True)  # fails, never skips, without one
     try:
+        await conn.query("DELETE FROM task_counts")
         await conn.query("DELETE FROM translation_tasks")
         await conn.query("INSERT IGNORE INTO translation_sessions (session_id, filename, file_path, llm_provider) "
                          f"VALUES ('{SESSION_ID}', 'game.xlsx', '/game.xlsx', 'openai')")
@@ -472,6 +474,11 @@ async def play(ops, path) -> dict[str, tuple]:
         assert node.buf.idle()
         node.journal.close()
         assert segments(path) == []
+        async with conn.cursor() as cursor:
+            await cursor.execute(KEPT_COUNTS)
+            kept = await cursor.fetchall()
+            await cursor.execute(RECOUNTED)
+            assert kept == await cursor.fetchall(), "task_counts"
         return {k: (v["status"], v["target_text"], v["confidence"]) for k, v in (await stored(conn)).items()}, \
             last_acknowledged(writes)
     finally:

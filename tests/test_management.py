@@ -15,7 +15,7 @@ import trio
 
 from conftest import SESSION_ID, BufferAlone, make_config, running, session, task
 from persistd.daemon import (
-    DELETE_CHUNK_ROWS, Forget, Status, Written,
+    DELETE_CHUNK_ROWS, Forget, Status, Written, delete_tasks,
 )
 
 SESSIONS = "/api/v1/translation/sessions"
@@ -93,6 +93,20 @@ async def test_delete_removes_more_tasks_than_one_chunk(daemon, db):
     r = await daemon.client.delete(f"{SESSIONS}/{SESSION_ID}")
     assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": n}
     assert (await task_count(db), await session_ids(db)) == (1, {"other"})
+
+
+async def test_each_chunk_of_a_delete_takes_its_tasks_out_of_task_counts(db):
+    """Every chunk commits with its own count correction, so the counts are exact between
+    chunks too, not only once the session (and with it its counts) is gone."""
+    n = DELETE_CHUNK_ROWS + 1001
+    await db.insert("translation_sessions", [srow(SESSION_ID), srow("other")])
+    await db.insert("translation_tasks", [
+        trow(f"t{i:05}", status=("pending", "completed")[i % 2], duration_ms=i if i % 3 else None,
+             created_at=BASE + timedelta(minutes=i)) for i in range(n)] + [trow("o1", "other", created_at=BASE)])
+    async with db.database.connection() as conn:
+        assert await delete_tasks(conn, "session_id = %s AND task_id < %s", SESSION_ID, "t05500") == 5500
+    await db.assert_counts_exact()
+    assert await task_count(db, SESSION_ID) == n - 5500
 
 
 async def test_delete_drops_buffered_rows_so_a_later_flush_cannot_bring_them_back(slow_daemon, db):
@@ -291,6 +305,7 @@ async def test_cleanup_deletes_more_sessions_and_tasks_than_one_chunk(daemon, db
     real = await cleanup(daemon, {"dry_run": False})
     assert (real["deleted_sessions"], real["deleted_tasks"]) == (151, big + 150)
     assert (await session_ids(db), await task_count(db)) == ({"young"}, 10)
+    await db.assert_counts_exact()
 
 
 async def test_cleanup_spares_a_session_whose_latest_update_is_still_in_the_buffer(slow_daemon, db):

@@ -248,6 +248,33 @@ async def test_task_filters_combine_session_status_and_dates(daemon, db):
     assert (page["total"], page["items"]) == (0, [])
 
 
+async def test_task_totals_equal_count_star_for_windows_that_cut_through_hours(daemon, db):
+    """`total` sums whole hours from task_counts and counts the partial hours at both ends
+    in the tasks: for every window (bounds inside an hour, on it, a second either side,
+    with fractions of a second, inside one hour, empty, reversed, beyond the TIMESTAMP
+    range) and every filter it equals COUNT(*) over the tasks."""
+    await insert_sessions(db, [srow("A"), srow("B")])
+    await insert_tasks(db, [
+        trow(f"{sid}-{i:03}", session_id=sid, status=("pending", "completed", "failed")[i % 3],
+             created_at=BASE + timedelta(minutes=17 * i, seconds=i % 2))
+        for sid in ("A", "B") for i in range(40)])  # 11 hours, 3 to 4 tasks an hour
+    edges = [BASE + timedelta(hours=h, minutes=m, seconds=sec, microseconds=us)
+             for h in (0, 2, 3, 7) for m, sec, us in ((0, 0, 0), (0, -1, 0), (0, 1, 0), (34, 0, 0), (34, 0, 500_000))]
+    windows = [(None, None), (None, datetime(9999, 12, 31)), (datetime(1, 1, 1), None)]
+    windows += [(lo, hi) for lo in [None, *edges] for hi in [None, *edges]]
+    filters = [{}, {"session_id": "A"}, {"status": "completed"}, {"session_id": "B", "status": "failed"}]
+    for lo, hi in windows:
+        for equal in filters:
+            where = [f"{name} = %s" for name in equal] + ["created_at >= %s"] * (lo is not None) + \
+                ["created_at <= %s"] * (hi is not None)
+            args = [*equal.values(), *[t for t in (lo, hi) if t is not None]]
+            ((expected,),) = await db.query("SELECT COUNT(*) FROM translation_tasks"
+                                            + (" WHERE " + " AND ".join(where) if where else ""), *args)
+            params = {**equal, **({"from_date": lo.isoformat() + "Z"} if lo else {}),
+                      **({"to_date": hi.isoformat() + "Z"} if hi else {})}
+            assert (await get_ok(daemon, TASKS, **params))["total"] == expected, params
+
+
 async def test_session_task_filters_combine_status_and_sheet_in_sheet_order(daemon, db):
     """Tasks of a session filter by status and sheet_name, and come in sheet order
     (sheet_name, row_index numerically, column_name, task_id)."""

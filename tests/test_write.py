@@ -354,9 +354,55 @@ async def test_upserts_are_multi_row_statements_of_at_most_1000_rows(db):
     async with db.database.connection() as conn:
         recording = Recording(conn)
         await upsert(recording, TASKS, entries)
-    assert [s.count("),(") + 1 for s in recording.statements] == [1000, 1000, 500]
-    assert all("ON DUPLICATE KEY UPDATE" in s for s in recording.statements)
+    upserts = recording.statements[1::3]  # each between the two statements that keep task_counts
+    assert [s.count("),(") + 1 for s in upserts] == [1000, 1000, 500]
+    assert all(s.startswith("INSERT INTO translation_tasks") and "ON DUPLICATE KEY UPDATE" in s for s in upserts)
+    assert all(s.startswith("INSERT INTO task_counts") for i, s in enumerate(recording.statements) if i % 3 != 1)
     assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((2500,),)
+    await db.assert_counts_exact()
+
+
+# ── task_counts ──────────────────────────────────────────────────────────────────────
+
+
+async def test_task_counts_follow_new_rows_status_changes_partial_updates_and_moves(daemon, db):
+    """task_counts (the source of list totals and stats) is what a recount of the tasks
+    gives after every flush: new tasks, status changes, fields left out (kept) or null
+    (cleared), a task moved to another session, a repeat, a rewrite to the same state."""
+    await daemon.post(SESSIONS_URL, {"sessions": [session("A"), session("B")]})
+    await daemon.post(TASKS_URL, {"tasks": [task(f"t{i}", "A", duration_ms=100 * i if i % 2 else None)
+                                            for i in range(10)]})
+    await daemon.flush()
+    await db.assert_counts_exact()
+    await daemon.post(TASKS_URL, {"tasks": [
+        task("t0", "A", status="completed", duration_ms=500),
+        task("t1", "A", status="failed"),  # keeps duration 100
+        task("t3", "A", status="completed"),  # keeps duration 300
+        task("t4", "B", status="processing"),  # moves to B
+        task("t5", "A", status="completed", duration_ms=None),  # clears 500
+        task("t6", "A"),  # as it was
+        task("t10", "B", status="completed", duration_ms=7)]})
+    await daemon.post(TASKS_URL, {"tasks": [task("t0", "A", status="completed", duration_ms=900)]})
+    await daemon.flush()
+    await db.assert_counts_exact()
+    r = await daemon.get("/api/v1/translation/tasks", params={"session_id": "A", "status": "completed"})
+    assert r.json()["total"] == 3
+    ((n,),) = await db.query("SELECT SUM(tasks) FROM task_counts WHERE session_id = 'B'")
+    assert n == 2
+
+
+async def test_a_start_recounts_tasks_written_behind_persistds_back(db, tmp_path):
+    await db.query("INSERT INTO translation_sessions (session_id, filename, file_path, llm_provider)"
+                   " VALUES ('A', 'f', 'p', 'openai')")
+    await db.query("INSERT INTO translation_tasks (task_id, session_id, batch_id, sheet_name, row_index,"
+                   " column_name, source_text, status) VALUES ('x', 'A', 'b', 's', 0, 'c', 't', 'failed')")
+    await db.query("INSERT INTO task_counts VALUES ('A', 'completed', '2025-01-01 00:00:00', 5, 0, 0)")
+    async with running(make_config(tmp_path)) as d:
+        await d.post(SESSIONS_URL, {"sessions": [session("B")]})
+        await d.flush()  # a job for the flusher, which recounts before its first one
+        await db.assert_counts_exact()
+        r = await d.get("/api/v1/translation/tasks")
+        assert r.json()["total"] == 1
 
 
 # ── the buffer actor's timing, alone, under the autojump clock ───────────────────────
