@@ -76,6 +76,6 @@ CREATE TABLE IF NOT EXISTS task_counts (
     durations INT NOT NULL,           -- how many tasks have a duration_ms
     PRIMARY KEY (session_id, status, created_hour),                             -- ?session_id
     FOREIGN KEY (session_id) REFERENCES translation_sessions(session_id) ON DELETE CASCADE,
-    INDEX idx_status_hour (status, created_hour, tasks),                        -- ?status, stats
+    INDEX idx_status_hour (status, created_hour, tasks, duration_ms_sum, durations),  -- ?status, stats
     INDEX idx_hour (created_hour, tasks)                                        -- no filter, dates only
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
