@@ -1816,30 +1816,37 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
     return sessions, tasks
 
 
-async def read_stats(conn: trio_mysql.Connection) -> Stats:
-    """Tasks from task_counts (one pass over its status index); sessions, far fewer, from their own."""
-    task_rows = await fetch(conn, "SELECT status, SUM(tasks) AS n, SUM(duration_ms_sum) AS ms, SUM(durations) AS d"
-                                  " FROM task_counts GROUP BY status")
-    session_rows = await fetch(conn, "SELECT status, COUNT(*) AS n FROM translation_sessions GROUP BY status")
+async def task_stats(conn: trio_mysql.Connection) -> list[dict]:
+    """The task half of the stats: one pass over task_counts' status index."""
+    return await fetch(conn, "SELECT status, SUM(tasks) AS n, SUM(duration_ms_sum) AS ms, SUM(durations) AS d"
+                             " FROM task_counts GROUP BY status")
+
+
+async def session_stats(conn: trio_mysql.Connection) -> tuple[list[dict], Any, dict[str, dict]]:
+    """The session half of the stats, far fewer rows, and the catalog's storage figures."""
+    by_status = await fetch(conn, "SELECT status, COUNT(*) AS n FROM translation_sessions GROUP BY status")
+    session_time = (await fetch_one(conn, "SELECT AVG(TIMESTAMPDIFF(SECOND, created_at, updated_at)) AS s"
+                                          " FROM translation_sessions WHERE status = 'completed'"))["s"]
+    catalog = {r["name"]: r for r in await fetch(
+        conn, "SELECT table_name AS name, table_rows AS n, data_length + index_length AS bytes"
+              " FROM information_schema.tables WHERE table_schema = DATABASE()")}
+    return by_status, session_time, catalog
+
+
+def stats_from(task_rows: list[dict], session_rows: list[dict], session_time: Any, catalog: dict[str, dict]) -> Stats:
     by_status = {}
     for table, rows, statuses in (("sessions", session_rows, typing.get_args(SessionStatus)),
                                   ("tasks", task_rows, typing.get_args(TaskStatus))):
         counts = {r["status"]: int(r["n"]) for r in rows}
         by_status[table] = {"total": sum(counts.values()), **{s: counts.get(s, 0) for s in statuses}}
     tasks = by_status["tasks"]
-    session_time = (await fetch_one(conn, "SELECT AVG(TIMESTAMPDIFF(SECOND, created_at, updated_at)) AS s"
-                                          " FROM translation_sessions WHERE status = 'completed'"))["s"]
     completed = next((r for r in task_rows if r["status"] == "completed" and r["d"]), None)
-    task_ms = None if completed is None else completed["ms"] / completed["d"]
     finished = tasks["completed"] + tasks["failed"]
-    catalog = {r["name"]: r for r in await fetch(
-        conn, "SELECT table_name AS name, table_rows AS n, data_length + index_length AS bytes"
-              " FROM information_schema.tables WHERE table_schema = DATABASE()")}
     return Stats(
         sessions=by_status["sessions"], tasks=tasks,
         performance=Performance(
             average_session_time=None if session_time is None else round(float(session_time), 1),
-            average_task_time=None if task_ms is None else round(float(task_ms) / 1000, 3),
+            average_task_time=None if completed is None else round(float(completed["ms"] / completed["d"]) / 1000, 3),
             success_rate=round(100 * tasks["completed"] / finished, 1) if finished else None),
         storage=Storage(
             database_size_mb=round(sum(int(r["bytes"] or 0) for r in catalog.values()) / 2**20, 1),
@@ -2269,8 +2276,22 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         if trio.current_time() - stats_cache[1] > STATS_CACHE_S and not (stats_lock.locked() and stats_cache[0]):
             async with stats_lock:
                 if trio.current_time() - stats_cache[1] > STATS_CACHE_S:
-                    stats_cache[:] = [await read(read_stats), trio.current_time()]
+                    stats_cache[:] = [await read_stats(), trio.current_time()]
         return json_response(200, stats_cache[0])
+
+    async def read_stats() -> Stats:
+        """The two halves at once, on two pooled connections: about 5 ms each over a million
+        tasks. A 503 of either leaves the nursery in an exception group, which quart-trio
+        answers with the handler of its first member that has one."""
+        task_rows: list[dict] = []
+
+        async def task_half() -> None:
+            task_rows.extend(await read(task_stats))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task_half)
+            sessions = await read(session_stats)
+        return stats_from(task_rows, *sessions)
 
     @app.get("/health")
     async def health() -> Response:

@@ -17,7 +17,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_config, running, session, task
+from conftest import SESSION_ID, make_config, running, session, task
 from persistd.daemon import load_config, parse_database_url
 from proxy import tcp_proxy
 
@@ -180,6 +180,27 @@ async def test_health_is_healthy_as_soon_as_database_is_back(db, tmp_path):
         response = await d.get("/health")
         assert response.status_code == 200, response.text
         assert response.json()["database"] == "healthy"
+
+
+async def test_reads_while_database_cut_are_503_in_the_error_format_and_work_after(db, tmp_path):
+    """Every read that needs the database answers 503 DATABASE_UNAVAILABLE in the error
+    format while it is unreachable (stats too, whose two halves run on two connections),
+    never a 500 or a hang, and answers 200 again once it is back."""
+    reads = ["/api/v1/translation/sessions", "/api/v1/translation/tasks",
+             f"/api/v1/translation/sessions/{SESSION_ID}/tasks", "/api/v1/translation/recovery/incomplete-sessions",
+             "/api/v1/translation/stats"]
+    async with behind_proxy(tmp_path, database={"connect_timeout": 1, "read_timeout": 2}) as (d, proxy):
+        await accepted(d, SESSIONS, {"sessions": [session()]})
+        await d.flush()
+        await proxy.cut()
+        for path in reads:
+            elapsed, response = await timed(d.get(path))
+            assert response.status_code == 503, (path, response.text)
+            assert set(response.json()) == ERROR_KEYS and response.json()["error_code"] == "DATABASE_UNAVAILABLE"
+            assert elapsed < 2 + PING_MARGIN_S
+        await proxy.restore()
+        for path in reads:
+            assert (await d.get(path)).status_code == 200, path
 
 
 # ── POST /flush and outages ──────────────────────────────────────────────────────────
