@@ -1746,29 +1746,22 @@ async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list
 
 async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> int:
     """Deletes the tasks that match `where`, DELETE_CHUNK_ROWS at a time until none is left.
-    Each chunk is a transaction that also takes the deleted tasks out of task_counts, so
-    concurrent writes wait at most one chunk and every commit leaves the counts exact."""
+    Each chunk is a transaction that locks its tasks, takes them out of task_counts and
+    deletes them: concurrent writes wait at most one chunk, and every commit leaves the
+    counts exact. (DELETE ... RETURNING would save a statement; MySQL 8 has none.)"""
     deleted = 0
     while True:
         await conn.query("BEGIN")
         async with conn.cursor() as cursor:
-            await cursor.execute(f"DELETE FROM translation_tasks WHERE {where} LIMIT {DELETE_CHUNK_ROWS}"
-                                 f" RETURNING session_id, status, {CREATED_HOUR}, duration_ms", args)
-            gone = await cursor.fetchall()
-        counts: dict[tuple, list[int]] = {}
-        for session_id, status, hour, duration_ms in gone:
-            n = counts.setdefault((session_id, status, hour), [0, 0, 0])
-            n[0] -= 1
-            if duration_ms is not None:
-                n[1] -= duration_ms
-                n[2] -= 1
-        if counts:
-            await conn.query(f"INSERT INTO task_counts ({COUNT_COLUMNS}) VALUES "
-                             + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items())
-                             + ADD_COUNTS)
+            await cursor.execute(f"SELECT task_id FROM translation_tasks WHERE {where} ORDER BY task_id"
+                                 f" LIMIT {DELETE_CHUNK_ROWS} FOR UPDATE", args)
+            ids = [task_id for (task_id,) in await cursor.fetchall()]
+        if ids:
+            chunk = f"task_id IN ({','.join(map(sql_value, ids))})"
+            await conn.query(count_tasks_sql("-", chunk))
+            deleted += await conn.query(f"DELETE FROM translation_tasks WHERE {chunk}")
         await conn.query("COMMIT")
-        deleted += len(gone)
-        if len(gone) < DELETE_CHUNK_ROWS:
+        if len(ids) < DELETE_CHUNK_ROWS:
             return deleted
 
 
