@@ -1392,6 +1392,10 @@ def count_tasks_sql(sign: str, where: str) -> str:
 RECOUNT_TASKS = count_tasks_sql("", "TRUE")
 
 
+def hour_floor(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
 def sql_value(value: Any) -> str:
     """A literal for the statement text. The values were validated at the door; the
     connection runs with backslash escapes on (the server default, never changed here)."""
@@ -1436,13 +1440,29 @@ class Statement(NamedTuple):
     sql: str
     count_out: str | None  # for a counted table: takes the rows' stored states out of task_counts
     count_in: str | None  # and adds their new states, once `sql` has run
+    count_new: str | None  # the same as count_in when no row was stored before, without reading them
 
 
-def with_counts(table: Table, sql: str, keys: list[str]) -> Statement:
+def with_counts(table: Table, sql: str, entries: list[Entry], keys: list[str]) -> Statement:
     if not table.counted:
-        return Statement(sql, None, None)
+        return Statement(sql, None, None, None)
     where = f"{table.key} IN ({','.join(keys)})"
-    return Statement(sql, count_tasks_sql("-", where), count_tasks_sql("", where))
+    return Statement(sql, count_tasks_sql("-", where), count_tasks_sql("", where), count_new_tasks_sql(entries))
+
+
+def count_new_tasks_sql(entries: list[Entry]) -> str:
+    """count_in for tasks that did not exist: their stored state is the one written, with
+    the accept time as created_at and no duration_ms unless the row carries one."""
+    counts: dict[tuple[str, str, datetime], list[int]] = {}
+    for entry in entries:
+        row = entry.row
+        n = counts.setdefault((row.session_id, row.status, hour_floor(entry.created_at)), [0, 0, 0])
+        n[0] += 1
+        if row.duration_ms is not UNSET and row.duration_ms is not None:
+            n[1] += row.duration_ms
+            n[2] += 1
+    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) VALUES "
+            + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items()) + ADD_COUNTS)
 
 
 def upsert_statements(table: Table, entries: list[Entry]) -> list[Statement]:
@@ -1455,19 +1475,21 @@ def upsert_statements(table: Table, entries: list[Entry]) -> list[Statement]:
         values_of = operator.attrgetter(*columns)
         key_of = operator.attrgetter(table.key)
         values: list[str] = []
+        part: list[Entry] = []
         keys: list[str] = []
         size = 0
         for entry in group:
             literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
                 sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
             if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > STATEMENT_MAX_BYTES:
-                statements.append(with_counts(table, head + ",".join(values) + tail, keys))
-                values, keys, size = [], [], 0
+                statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
+                values, part, keys, size = [], [], [], 0
             values.append(literal)
+            part.append(entry)
             keys.append(sql_value(key_of(entry.row)))
             size += len(literal) + 1
         if values:
-            statements.append(with_counts(table, head + ",".join(values) + tail, keys))
+            statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
     return statements
 
 
@@ -1495,14 +1517,14 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
                     if statement.count_out is None:
                         await conn.query(statement.sql)
                         continue
-                    await conn.query(statement.count_out)
+                    stored = await conn.query(statement.count_out)  # rows changed in task_counts
                     try:
                         await conn.query(statement.sql)
                     except trio_mysql.MySQLError as exc:
-                        if exc.args and exc.args[0] in ROW_REFUSED:  # undone alone: count the rows back in
+                        if stored and exc.args and exc.args[0] in ROW_REFUSED:  # undone alone: count back in
                             await conn.query(statement.count_in)
                         raise
-                    await conn.query(statement.count_in)
+                    await conn.query(statement.count_in if stored else statement.count_new)
     except* DB_ERRORS as group:  # the nursery wraps what its body raised; callers expect it bare
         raise group.exceptions[0] from None
 
@@ -1684,10 +1706,6 @@ async def list_tasks(conn: trio_mysql.Connection, q: TaskQuery) -> tuple[int, li
     rows = await fetch(conn, page_of_tasks(where, "created_at DESC, task_id DESC"),
                        *args, q.page_size, (q.page - 1) * q.page_size)
     return total, rows
-
-
-def hour_floor(at: datetime) -> datetime:
-    return at.replace(minute=0, second=0, microsecond=0)
 
 
 async def count_tasks(conn: trio_mysql.Connection, equal: dict[str, str], from_date: datetime | None,

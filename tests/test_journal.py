@@ -281,15 +281,21 @@ async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_r
             assert (await daemon.post(TASKS_URL, {"tasks": rows})).status_code == 202
             assert (await daemon.flush())["tasks_written"] == 999
             assert await metric(daemon, "persistence_flush_errors_total") == 0
+            await db.assert_counts_exact()
+            # Again over stored rows: each refused statement is counted back in before the halves.
+            rows = [task(f"t{i:03d}", row_index=i, status="completed", duration_ms=i) for i in range(1000)]
+            rows[100]["source_text"] = "POISON"
+            assert (await daemon.post(TASKS_URL, {"tasks": rows})).status_code == 202
+            assert (await daemon.flush())["tasks_written"] == 999
     finally:
         await db.query("ALTER TABLE translation_tasks DROP CONSTRAINT poison")
     (count,), = await db.query("SELECT COUNT(*) FROM translation_tasks")
-    assert count == 999
-    assert await db.query("SELECT task_id FROM translation_tasks WHERE task_id = 't537'") == ()
-    (line,) = (tmp_path / "state" / "dead-letter.jsonl").read_text().splitlines()
-    record = json.loads(line)
-    assert (record["reason"], record["table"], record["row"]["task_id"]) == ("refused_by_database", "translation_tasks", "t537")
-    assert record["error"].startswith("4025:")
+    assert count == 1000  # t537 came with the second batch
+    assert await db.query("SELECT status FROM translation_tasks WHERE task_id = 't100'") == (("pending",),)
+    first, second = (json.loads(line) for line in (tmp_path / "state" / "dead-letter.jsonl").read_text().splitlines())
+    assert (first["reason"], first["table"], first["row"]["task_id"]) == ("refused_by_database", "translation_tasks", "t537")
+    assert first["error"].startswith("4025:")
+    assert (second["reason"], second["row"]["task_id"]) == ("refused_by_database", "t100")
     await db.assert_counts_exact()
 
 
