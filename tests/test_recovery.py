@@ -156,6 +156,23 @@ async def test_restore_returns_the_session_and_its_unfinished_tasks_in_sheet_ord
     assert before - timedelta(seconds=1) <= restored_at <= datetime.now(timezone.utc) + timedelta(seconds=1)
 
 
+async def test_restored_tasks_carry_every_character_and_time_as_the_task_get_shows_them(daemon, db):
+    """The database writes each restored task's JSON: quotes, backslashes, NUL and other
+    control characters, CJK and emoji come back as sent, in valid JSON, and created_at
+    reads as GET /tasks/{id} prints it."""
+    nasty = "它说：\"Hello\", 'adventurer' \\ \\\\n \0 \n\r\t \x1a \x7f \u2028 😀 🎮 é ' OR 1=1; --"
+    await daemon.post(SESSIONS_BATCH, {"sessions": [session()]})
+    await daemon.post(TASKS_BATCH, {"tasks": [task("t1", source_text=nasty, sheet_name=nasty[:40], column_name="\"",
+                                                   batch_id="b\\1", row_index=2_147_483_647)]})
+    r = await daemon.post(f"{RESTORE}/{SESSION_ID}")
+    assert r.status_code == 200, r.text
+    (restored,) = r.json()["tasks"]
+    shown = (await daemon.get("/api/v1/translation/tasks/t1")).json()
+    assert restored == {k: shown[k] for k in RESTORED_TASK_KEYS}
+    assert (restored["source_text"], restored["sheet_name"], restored["column_name"], restored["batch_id"],
+            restored["row_index"]) == (nasty, nasty[:40], '"', "b\\1", 2_147_483_647)
+
+
 async def test_restore_of_a_session_accepted_but_not_yet_written(slow_daemon, db):
     """A session and its tasks accepted right before the call, never flushed, restore."""
     d = slow_daemon
