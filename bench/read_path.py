@@ -680,6 +680,16 @@ def check_stats(result: Result, stored: Stored) -> list[str]:
 # ── the daemon ───────────────────────────────────────────────────────────────────────
 
 
+async def counts_kept(db: str) -> bool:
+    """Whether task_counts holds rows: a data set just loaded has none, and the daemon's start counts it."""
+    conn = await connect(db)
+    try:
+        ((kept,),) = await rows(conn, "SELECT EXISTS (SELECT 1 FROM task_counts)")
+        return bool(kept)
+    finally:
+        conn.close()
+
+
 def start_daemon(port: int, tmp: Path, db: str) -> Daemon:
     config, state_dir = tmp / "persistd.toml", tmp / "state"
     config.write_text(f'[server]\nport = {port}\n'
@@ -687,12 +697,15 @@ def start_daemon(port: int, tmp: Path, db: str) -> Daemon:
                       f'[state]\ndir = "{state_dir}"\n[janitor]\ninterval = 0\n')
     log_path = RESULTS_DIR / "read_path.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
+    counted = trio.run(counts_kept, db)
     with open(log_path, "wb") as log:  # run from its parent directory, `-m` finds the persistd imported here
         process = subprocess.Popen([sys.executable, "-m", "persistd", "--config", str(config)],
                                    cwd=DAEMON_FILE.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
     daemon = Daemon(process, log_path, state_dir)
     wait_listening(daemon)
-    # The data set was loaded behind persistd's back: its totals are right once the start's recount is done.
+    if counted:
+        return daemon
+    # The data set was loaded behind persistd's back: its totals are right once the start has counted it.
     deadline = time.monotonic() + 300
     while b"task_counts recounted in" not in log_path.read_bytes():
         if daemon.process.poll() is not None or time.monotonic() > deadline:

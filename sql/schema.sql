@@ -65,8 +65,8 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
 
 -- The tasks counted by session, status and hour of creation, kept exact by persistd in the
 -- transaction that writes or deletes the tasks (issue 3): a list's `total` and the stats sum
--- these rows instead of counting a million tasks. Tasks written by other means are counted
--- at persistd's next start, which recounts the table from the tasks.
+-- these rows instead of counting a million tasks. A start that finds it empty while tasks
+-- exist counts them: after tasks were written by other means, empty it and restart persistd.
 CREATE TABLE IF NOT EXISTS task_counts (
     session_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
     status VARCHAR(20) NOT NULL,

@@ -391,18 +391,29 @@ async def test_task_counts_follow_new_rows_status_changes_partial_updates_and_mo
     assert n == 2
 
 
-async def test_a_start_recounts_tasks_written_behind_persistds_back(db, tmp_path):
+async def test_a_start_counts_the_tasks_when_task_counts_is_empty_and_trusts_it_otherwise(db, tmp_path, caplog):
+    """A database from before task_counts, or one whose counts an operator emptied, is
+    counted at start (before the first write); counts that exist are used as they are, so
+    a start does not read every task."""
+    caplog.set_level("INFO", logger="persistd")
     await db.query("INSERT INTO translation_sessions (session_id, filename, file_path, llm_provider)"
                    " VALUES ('A', 'f', 'p', 'openai')")
     await db.query("INSERT INTO translation_tasks (task_id, session_id, batch_id, sheet_name, row_index,"
                    " column_name, source_text, status) VALUES ('x', 'A', 'b', 's', 0, 'c', 't', 'failed')")
-    await db.query("INSERT INTO task_counts VALUES ('A', 'completed', '2025-01-01 00:00:00', 5, 0, 0)")
     async with running(make_config(tmp_path)) as d:
         await d.post(SESSIONS_URL, {"sessions": [session("B")]})
-        await d.flush()  # a job for the flusher, which recounts before its first one
+        await d.flush()  # a job for the flusher, which connects (and counts) before it writes
         await db.assert_counts_exact()
-        r = await d.get("/api/v1/translation/tasks")
-        assert r.json()["total"] == 1
+        assert (await d.get("/api/v1/translation/tasks")).json()["total"] == 1
+    assert sum("task_counts recounted" in r.message for r in caplog.records) == 1
+    await db.query("INSERT INTO translation_tasks (task_id, session_id, batch_id, sheet_name, row_index,"
+                   " column_name, source_text, status) VALUES ('y', 'A', 'b', 's', 1, 'c', 't', 'failed')")
+    caplog.clear()
+    async with running(make_config(tmp_path)) as d:
+        await d.post(SESSIONS_URL, {"sessions": [session("B")]})
+        await d.flush()
+        assert (await d.get("/api/v1/translation/tasks")).json()["total"] == 1  # 'y' came behind its back
+    assert not any("task_counts recounted" in r.message for r in caplog.records)
 
 
 # ── the buffer actor's timing, alone, under the autojump clock ───────────────────────
