@@ -36,6 +36,7 @@ import collections
 import contextlib
 import functools
 import gc
+import importlib.resources
 import itertools
 import logging
 import math
@@ -79,7 +80,7 @@ JSON_MAX_BYTES = 65_535  # our bound for game_info / metadata, so one row always
 JSON_MAX_DEPTH = 31  # MariaDB's JSON_VALID refuses 32 levels of nesting; MySQL 8 allows 100
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7, tzinfo=UTC)
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "sql" / "schema.sql"
+SCHEMA_RESOURCE = ("persistd.sql", "schema.sql")  # sql/schema.sql, shipped inside the wheel
 
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
@@ -159,7 +160,14 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ConfigError(Exception):
-    """A one-line explanation of why the configuration cannot be used."""
+    """A one-line explanation of why the configuration cannot be used (exit status 2)."""
+
+
+class Fatal(Exception):
+    """A fault that is not an outage: a file missing from the installed package, a state
+    directory that cannot be written, a database that refuses the schema or a write for a
+    reason that retrying cannot change. The daemon stops with this one line and exit
+    status 1, rather than acknowledge batches that it cannot write."""
 
 
 def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
@@ -1558,12 +1566,25 @@ async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> Wri
                    [(SESSIONS.name, e, why) for e, why in refused_sessions] + [(TASKS.name, e, why) for e, why in refused_tasks])
 
 
-async def ensure_schema(conn: trio_mysql.Connection) -> None:
+def read_schema() -> str:
+    """The DDL that ships inside the package; a copy that cannot be read stops the start."""
+    package, name = SCHEMA_RESOURCE
+    try:
+        return importlib.resources.files(package).joinpath(name).read_text(encoding="utf-8")
+    except (OSError, ImportError) as exc:
+        raise Fatal(f"cannot read {name} from the installed package {package} ({exc}): reinstall persistd") from None
+
+
+def schema_statements(schema: str) -> list[str]:
+    text = "\n".join(line for line in schema.splitlines() if not line.startswith("--"))
+    return [sql for sql in text.split(";") if sql.strip()]
+
+
+async def ensure_schema(conn: trio_mysql.Connection, schema: str) -> None:
     """Creates the tables that are missing, and counts the tasks when task_counts is empty
     while tasks exist: it was just created for a database from before it, a recount was
     cut short, or an operator emptied it to have it recounted."""
-    text = "\n".join(line for line in SCHEMA_PATH.read_text().splitlines() if not line.startswith("--"))
-    for sql in filter(str.strip, text.split(";")):
+    for sql in schema_statements(schema):
         await conn.query(sql)
     if await count(conn, "SELECT NOT EXISTS (SELECT 1 FROM task_counts) AND EXISTS (SELECT 1 FROM translation_tasks) AS n"):
         started = trio.current_time()
@@ -2487,7 +2508,7 @@ async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: 
         """Creates the database and tables when missing."""
         conn = await db.connect(create=True)
         try:
-            await ensure_schema(conn)
+            await ensure_schema(conn, read_schema())
         except BaseException:
             conn.close()
             raise

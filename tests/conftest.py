@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from persistd.daemon import (Config, Database, DatabaseConfig, DeadLetters, Metrics, SessionIn, TaskIn, Write,
-                             buffer_actor, ensure_schema, recount_tasks, run)
+                             buffer_actor, ensure_schema, read_schema, recount_tasks, run)
 
 DATABASE_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "mysql://root@127.0.0.1:3306/persistd_test")
 
@@ -67,7 +67,7 @@ class Db:
     async def reset(self) -> None:
         conn = await self.database.connect(create=True)
         try:
-            await ensure_schema(conn)
+            await ensure_schema(conn, read_schema())
             await conn.query("DELETE FROM task_counts")
             await conn.query("DELETE FROM translation_tasks")
             await conn.query("DELETE FROM translation_sessions")

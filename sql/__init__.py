@@ -1,0 +1,2 @@
+"""The DDL persistd applies at start, shipped inside the wheel as the package `persistd.sql`
+(pyproject.toml maps this directory there) and read with importlib.resources."""
