@@ -6,27 +6,45 @@ its state as local variables and talks only through the channel ends it was hand
     clients ──HTTP──► http actor ──Room/Write/Flush/Lookup/──► buffer actor ──Job──► flusher actor ──► MySQL
                       (quart-trio on   Forget/Status/Drain      (sole owner of    ◄──Written/Failed──┘
                        hypercorn's                              unflushed rows)
-                       trio worker)    janitor actor ──Flush──►
+                       trio worker)    janitor actor ──Flush──►     │ ▲
+                                       systemd actor ──Status──►    │ │ Sync answered once on disk
+                                                          Append/Release/Sync
+                                                                    ▼ │
+                                                               journal actor ──► <state dir>/journal/
 
-- http: validates every batch with msgspec at the door and answers 202 as soon as the
-  buffer has taken it; nothing that MySQL could refuse later is accepted.
+- http: validates every batch with msgspec at the door and answers 202 once the buffer
+  has taken it and the journal has it on disk; nothing MySQL could refuse is accepted.
 - buffer: coalesces rows by primary key (last accepted write wins), holds tasks whose
   session has not arrived yet, decides when to flush and when to retry, and is the only
-  place that knows which rows are not yet in the database.
+  place that knows which rows are not yet in the database, so it tells the journal which
+  records may go.
+- journal: appends each accepted batch to a segment file before its 202 (group commit:
+  one write and one fdatasync for all that arrived meanwhile), deletes segments once
+  released. `[journal] mode`: fsync (a 202 survives a power cut), write (a killed
+  process), off (no journal: a crash loses what was not yet written).
 - flusher: writes one snapshot per job in one transaction over one dedicated connection,
-  sessions before tasks, and reports what it wrote or why it failed. It has no policy. It
-  builds the SQL text in a worker thread while the previous statement executes.
+  sessions before tasks, and reports what it wrote or why it failed, and whether
+  retrying can help. It has no policy. It builds the SQL text in a worker thread while
+  the previous statement executes.
 - janitor: runs the retention cleanup on a schedule, after the buffer has written out;
   stops between chunks at shutdown.
+- systemd (only under systemd's Type=notify): WATCHDOG=1 while the buffer answers, STATUS=.
 
 Reads go to the database through a small pool; single-row reads lay the buffer's state over
 the stored row, and recovery first asks the buffer to write everything out.
 
+Start: the schema file, the state dir and a database that accepts the schema are checked
+first; a fault that is not an outage (`Fatal`) stops the daemon before it listens, and one
+found later (the database refusing writes for good) stops it with the journal intact. A
+database that does not answer is an outage: batches are accepted and retried. Then the
+journal is replayed, then the port is bound (READY=1).
+
 Shutdown is one path: SIGTERM/SIGINT sets `stop` → hypercorn stops accepting and lets
 in-flight requests finish → the http actor sends Drain and closes its end → the buffer
 hands over its last rows, the flusher writes them (bounded by `shutdown_timeout`; what
-cannot be written goes to the dead-letter file, never dropped silently) → the buffer closes
-the flusher's job channel → the flusher closes its result channel → `run()` returns.
+cannot be written stays in the journal, or without one goes to the dead-letter file,
+never dropped silently) → the buffer closes the flusher's job channel and the journal's
+→ the flusher closes its result channel → `run()` returns.
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ import os
 import random
 import re
 import signal
+import socket
 import struct
 import sys
 import time
@@ -54,7 +73,7 @@ import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hypercorn.config
 import hypercorn.trio
@@ -90,6 +109,8 @@ INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothi
 LOW_WATERMARK = 0.8  # once over a limit, batches are refused until every use is below this share
 RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
 ORPHAN_SWEEP_MAX_S = 60.0
+STATUS_EVERY_S = 5.0  # systemd's STATUS= line is refreshed this often (and at half WatchdogSec)
+BACKPRESSURE_QUIET_S = 10.0  # a backpressure episode ends once no batch was refused for this long
 # Session variables for every connection: times are UTC, and nothing is silently truncated.
 SESSION_SETUP = (
     "SET time_zone = '+00:00', "
@@ -150,6 +171,11 @@ class JanitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     failed_days: Annotated[int, Meta(ge=0, le=36500)] = 30
 
 
+class LogConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    format: Literal["text", "json"] = "text"  # one event a line on stderr either way
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
@@ -157,6 +183,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     janitor: JanitorConfig = msgspec.field(default_factory=JanitorConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 
 class ConfigError(Exception):
@@ -182,6 +209,9 @@ def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
             raise ConfigError(f"{path}: {exc}") from None
     if "PERSISTD_DATABASE_URL" in environ:
         data.setdefault("database", {})["url"] = environ["PERSISTD_DATABASE_URL"]
+    if environ.get("STATE_DIRECTORY") and "dir" not in data.get("state", {}):
+        # systemd's StateDirectory=, where the config does not name one (several are ':'-separated)
+        data.setdefault("state", {})["dir"] = environ["STATE_DIRECTORY"].split(":")[0]
     if "PERSISTD_PORT" in environ:
         port = environ["PERSISTD_PORT"]
         if not port.isdigit():
@@ -197,6 +227,28 @@ def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
     if cfg.journal.max_bytes < cfg.buffer.max_bytes:
         raise ConfigError("[journal] max_bytes must be at least [buffer] max_bytes: the journal holds every buffered row")
     return cfg
+
+
+def masked_url(url: str) -> str:
+    """The url with its password replaced by ***: for logs and --check-config."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, hostport = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}"))
+
+
+def config_toml(cfg: Config) -> str:
+    """The effective configuration as TOML, secrets masked: what --check-config prints."""
+    lines = []
+    for section, values in msgspec.to_builtins(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if (section, key) == ("database", "url"):
+                value = masked_url(value)
+            lines.append(f"{key} = {msgspec.json.encode(value).decode()}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def parse_database_url(url: str) -> dict[str, Any]:
@@ -319,6 +371,7 @@ class BufferHealth(Struct):
     last_flush: datetime | None
     tasks_waiting_for_session: int
     oldest_waiting_seconds: float | None
+    oldest_unwritten_seconds: float | None  # since the oldest batch not yet all in the database was accepted
 
 
 class Health(Struct):
@@ -746,6 +799,86 @@ class Metrics:
             "persistence_journal_corrupt_tails", "Torn or corrupt journal tails moved aside at start", registry=r)
         self.replayed_rows = prometheus_client.Counter(
             "persistence_journal_replayed_rows", "Rows replayed from the journal at start", registry=r)
+        # for alerts (deploy/prometheus-alerts.yml); the gauges are read at each scrape
+        self.database_up = prometheus_client.Gauge(
+            "persistence_database_up", "1 when the database answered a ping at this scrape", registry=r)
+        self.flush_failures_in_a_row = prometheus_client.Gauge(
+            "persistence_flush_failures_in_a_row", "Flush attempts failed since the last success", registry=r)
+        self.oldest_unwritten = prometheus_client.Gauge(
+            "persistence_oldest_unwritten_seconds", "Age of the oldest acknowledged batch not yet all written",
+            registry=r)
+        self.backpressure = prometheus_client.Gauge(
+            "persistence_backpressure", "1 while batches are refused with 503 BUFFER_FULL", registry=r)
+        self.refused_batches = prometheus_client.Counter(
+            "persistence_batches_refused", "Batches refused with 503 BUFFER_FULL", registry=r)
+
+
+# ── logs and systemd ─────────────────────────────────────────────────────────────────
+# One event a line on stderr, where systemd's journal or a container runtime collects it.
+# An event is logged once when its state changes (an outage begins, ends), never once per
+# request or per retry, with its figures: in the text, and as fields in the JSON format.
+
+
+def event(level: int, name: str, text: str, **figures: Any) -> None:
+    """Log the event `name`: `text` filled in from `figures`."""
+    log.log(level, text.format(**figures), extra={"event": name, "figures": figures})
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message`; a traceback is folded into its line as \\n."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, event, message, then the figures."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"time": datetime.fromtimestamp(record.created, UTC), "level": record.levelname.lower(),
+                  "logger": record.name, "event": getattr(record, "event", None), "message": record.getMessage(),
+                  **getattr(record, "figures", {})}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(fields).decode()
+
+
+def setup_logging(cfg: LogConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
+    logging.basicConfig(level=cfg.level.upper(), handlers=[handler], force=True)
+    # hypercorn's own "Running on ..." says again what the "ready" event says
+    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+class Notifier:
+    """systemd's notify protocol (sd_notify(3)), with the standard library: each message
+    is a datagram of `KEY=value` lines to the AF_UNIX socket named by $NOTIFY_SOCKET (a
+    leading @ names the abstract namespace). Without that variable (not started by
+    systemd with Type=notify) it sends nothing. $WATCHDOG_USEC, for this process when
+    $WATCHDOG_PID names it or is unset, says how often systemd expects WATCHDOG=1."""
+
+    def __init__(self, environ: typing.Mapping[str, str]) -> None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.sock: socket.socket | None = None
+        if self.address:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.sock.setblocking(False)
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        mine = pid in ("", str(os.getpid()))
+        self.watchdog_s = int(usec) / 1e6 if self.sock and mine and usec.isdigit() and int(usec) else None
+
+    def send(self, *lines: str) -> None:
+        if self.sock is None or not lines:
+            return
+        try:
+            self.sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:  # systemd gone, or its queue full: the next message says it again
+            log.debug("notify: %s", exc)
 
 
 # ── the buffer's state (pure: no I/O, no clock) ──────────────────────────────────────
@@ -839,6 +972,7 @@ class Buffer:
         self.bytes = 0  # request bytes of every row in memory
         self.refusing = False  # over a limit, and not yet below the low watermark
         self.records: collections.deque[tuple[int, int]] = collections.deque()  # (seq, bytes) in the journal
+        self.accepted: collections.deque[tuple[int, float]] = collections.deque()  # (seq, when) not yet durable
         self.journal_bytes = 0
         self.released = 0  # the floor the journal was last told
         self.replaying = False  # the journal's records are being handed over; nothing new is accepted
@@ -875,6 +1009,7 @@ class Buffer:
     def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int) -> int:
         """Take an accepted batch; returns its seq."""
         self.seq += 1
+        self.accepted.append((self.seq, now))
         size = nbytes // max(len(rows), 1)
         self._take(key, [Entry(row, at, at, self.seq, 0.0, self.seq, size) for row in rows], now)
         return self.seq
@@ -882,6 +1017,7 @@ class Buffer:
     def replay(self, key: str, entries: list[Entry], seq: int, now: float) -> None:
         """Take a journal record's rows, with the seq and accept times they had."""
         self.seq = max(self.seq, seq)
+        self.accepted.append((seq, now))
         self._take(key, entries, now)
 
     def _take(self, key: str, entries: list[Entry], now: float) -> None:
@@ -1042,6 +1178,13 @@ class Buffer:
                 del self.held[session_id]
         self.bytes -= sum(e.size for e in expired)
         return expired
+
+    def oldest_unwritten(self, now: float) -> float | None:
+        """Seconds since the oldest batch not yet all in the database was accepted (or
+        replayed): how far the writes are behind. Held rows do not count (see oldest_held)."""
+        while self.accepted and self.accepted[0][0] <= self.durable_seq:
+            self.accepted.popleft()
+        return now - self.accepted[0][1] if self.accepted else None
 
     def oldest_held(self, now: float) -> float | None:
         since = [e.held_since for group in self.held.values() for e in group.values()]
@@ -1224,8 +1367,9 @@ class Journal:
             f.truncate(offset)
             os.fsync(f.fileno())
         self.kept_aside += 1
-        log.error("journal %s: %d bytes from offset %d are torn or corrupt; moved to %s",
-                  segment.name, end - offset, offset, aside)
+        event(logging.ERROR, "journal_corrupt_tail", "journal {segment}: {bytes} bytes from offset {offset} are torn"
+              " or corrupt; moved to {moved_to}", segment=segment.name, bytes=end - offset, offset=offset,
+              moved_to=str(aside))
 
     def commit(self, records: list[tuple[int, int, tuple[bytes, ...]]], floor: int | None) -> None:
         """Delete the segments released below `floor`, then append `records` and, in
@@ -1302,13 +1446,43 @@ class DeadLetters:
             f.flush()
             os.fsync(f.fileno())
         self.metrics.dead_letters.labels(reason).inc(len(records))
-        log.error("%d rows moved to %s: %s", len(records), self.path, reason)
+        event(logging.ERROR, "dead_letter", "{rows} rows moved to {file}: {reason}", rows=len(records),
+              file=str(self.path), reason=reason)
 
 
 # ── storage: MySQL ───────────────────────────────────────────────────────────────────
 # Everything that speaks SQL is here, so that a second dialect is a change to this part.
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
+# Server errors that say the database is away, busy or changing hands, not that it refuses
+# what we ask: a flush failing with one is retried, forever. Any other error (no privilege,
+# an unknown table or column, a bad password) would fail the same way at every retry, while
+# the journal fills and /health says healthy: it stops the daemon instead (see Fatal).
+TRANSIENT = frozenset({
+    1040,  # too many connections
+    1053,  # server shutdown in progress
+    1205, 1213,  # lock wait timeout, deadlock
+    1021, 1114,  # disk full, table full: writes resume once an operator frees space
+    1290, 1792, 1836,  # read-only (option, transaction, mode): a failover is under way
+    1047,  # Galera: WSREP has not yet prepared the node for application use
+    1317, 1927, 4031,  # query interrupted, connection killed, disconnected for being idle
+    1152, 1158, 1159, 1160, 1161,  # aborted connection, network read and write errors or timeouts
+})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether retrying can help. Client-side errors (2000-2999: refused, lost, gone away),
+    timeouts, sockets and the driver's own protocol errors always can; a server error only
+    when its code is in TRANSIENT."""
+    if isinstance(exc, trio_mysql.MySQLError) and not isinstance(exc, trio_mysql.InterfaceError):
+        code = exc.args[0] if exc.args else None
+        return not isinstance(code, int) or 2000 <= code < 3000 or code in TRANSIENT
+    return isinstance(exc, DB_ERRORS)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
 # What a read answers 503 for; any other database error is a bug of ours and a 500.
 DB_UNAVAILABLE = (trio_mysql.OperationalError, trio_mysql.InterfaceError, OSError, trio.TooSlowError,
                   trio.BrokenResourceError)
@@ -1581,15 +1755,20 @@ def schema_statements(schema: str) -> list[str]:
 
 
 async def ensure_schema(conn: trio_mysql.Connection, schema: str) -> None:
-    """Creates the tables that are missing, and counts the tasks when task_counts is empty
-    while tasks exist: it was just created for a database from before it, a recount was
-    cut short, or an operator emptied it to have it recounted."""
+    """Creates the tables that are missing."""
     for sql in schema_statements(schema):
         await conn.query(sql)
+
+
+async def ensure_counts(conn: trio_mysql.Connection) -> None:
+    """Counts the tasks when task_counts is empty while tasks exist: it was just created for
+    a database from before it, a recount was cut short, or an operator emptied it to have
+    it recounted."""
     if await count(conn, "SELECT NOT EXISTS (SELECT 1 FROM task_counts) AND EXISTS (SELECT 1 FROM translation_tasks) AS n"):
         started = trio.current_time()
         await recount_tasks(conn)
-        log.info("task_counts recounted in %.1f s", trio.current_time() - started)
+        event(logging.INFO, "recounted", "task_counts recounted in {seconds:.1f} s",
+              seconds=round(trio.current_time() - started, 3))
 
 
 async def recount_tasks(conn: trio_mysql.Connection) -> None:
@@ -1899,6 +2078,17 @@ class Database:
         self.params = parse_database_url(cfg.url)
         self._idle: list[trio_mysql.Connection] = []
         self._limiter = trio.CapacityLimiter(cfg.pool_size)
+        self.unreachable_since: float | None = None  # as reads and /health's pings found it
+
+    def answered(self, error: str | None = None) -> None:
+        """What a read or a ping found: the log tells when that changes, not at every request."""
+        if error is not None and self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+            event(logging.WARNING, "database_unreachable", "the database does not answer reads: {error}", error=error)
+        elif error is None and self.unreachable_since is not None:
+            event(logging.INFO, "database_reachable", "the database answers reads again after {seconds:.1f} s",
+                  seconds=round(time.monotonic() - self.unreachable_since, 3))
+            self.unreachable_since = None
 
     async def _open(self, **params: Any) -> trio_mysql.Connection:
         conn = trio_mysql.connect(charset="utf8mb4", use_unicode=True, autocommit=True,
@@ -1936,14 +2126,17 @@ class Database:
             self._idle.append(conn)
 
     async def ping(self) -> bool:
+        error = f"no answer within {self.cfg.ping_timeout:g} s"
         with trio.move_on_after(self.cfg.ping_timeout):
             for _ in range(2):  # a pooled connection may have died with an outage
                 try:
                     async with self.connection() as conn:
                         await conn.query("SELECT 1")
+                    self.answered()
                     return True
-                except DB_ERRORS:
-                    pass
+                except DB_ERRORS as exc:
+                    error = describe(exc)
+        self.answered(error)
         return False
 
     def close(self) -> None:
@@ -2019,6 +2212,7 @@ class Written(NamedTuple):  # flusher → buffer
 
 class Failed(NamedTuple):  # flusher → buffer
     error: str
+    transient: bool  # False: retrying cannot help, the daemon stops (see Fatal)
 
 
 class Append(NamedTuple):  # buffer → journal
@@ -2041,6 +2235,8 @@ class BufferStatus(NamedTuple):
     held_tasks: int
     last_error: str | None
     journal_bytes: int
+    failures: int  # flushes failed in a row
+    refusing: bool  # batches get 503 BUFFER_FULL
 
 
 async def ask_buffer(to_buffer: trio.MemorySendChannel, message: typing.Callable[..., Any], *args: Any,
@@ -2070,13 +2266,14 @@ def answer(reply: trio.MemorySendChannel, value: Any) -> None:
 def buffer_status(buf: Buffer, now: float) -> BufferStatus:
     sessions, tasks = buf.counts()
     held = buf.held_count()
-    oldest = buf.oldest_held(now)
+    oldest, unwritten = buf.oldest_held(now), buf.oldest_unwritten(now)
     health = BufferHealth(
         sessions_count=sessions, tasks_count=tasks, total_count=sessions + tasks,
         capacity=buf.cfg.max_rows, usage_percent=round(100 * (sessions + tasks) / buf.cfg.max_rows, 1),
         last_flush=buf.last_flush, tasks_waiting_for_session=held,
-        oldest_waiting_seconds=None if oldest is None else round(oldest, 3))
-    return BufferStatus(health, held, buf.last_error, buf.journal_bytes)
+        oldest_waiting_seconds=None if oldest is None else round(oldest, 3),
+        oldest_unwritten_seconds=None if unwritten is None else round(unwritten, 3))
+    return BufferStatus(health, held, buf.last_error, buf.journal_bytes, buf.failures, buf.refusing)
 
 
 # ── HTTP ─────────────────────────────────────────────────────────────────────────────
@@ -2155,6 +2352,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
             f"at most {cfg.buffer.max_rows} rows and {cfg.buffer.max_bytes} bytes may wait for the database"
             f", and {cfg.journal.max_bytes} bytes in the journal"))])
         error.headers["Retry-After"] = str(math.ceil(cfg.buffer.flush_interval))
+        metrics.refused_batches.inc()
         return error
 
     async def accept(key: str) -> Response:
@@ -2193,12 +2391,14 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
             with trio.fail_after(timeout or cfg.database.read_timeout):
                 try:
                     async with db.connection() as conn:
-                        return await fn(conn, *args)
+                        result = await fn(conn, *args)
                 except DB_UNAVAILABLE:  # a pooled connection may have died with an outage; reads are idempotent
                     async with db.connection() as conn:
-                        return await fn(conn, *args)
+                        result = await fn(conn, *args)
+            db.answered()
+            return result
         except DB_UNAVAILABLE as exc:
-            log.warning("read failed: %s: %s", type(exc).__name__, exc)
+            db.answered(describe(exc))
             raise ApiError(503, "DATABASE_UNAVAILABLE", "The database did not answer; retry later") from None
 
     def params(type_: type) -> Any:
@@ -2345,6 +2545,10 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         metrics.held_tasks.set(status.held_tasks)
         metrics.journal_bytes.set(status.journal_bytes)
         metrics.held_oldest.set(status.health.oldest_waiting_seconds or 0)
+        metrics.oldest_unwritten.set(status.health.oldest_unwritten_seconds or 0)
+        metrics.flush_failures_in_a_row.set(status.failures)
+        metrics.backpressure.set(status.refusing)
+        metrics.database_up.set(await db.ping())
         return Response(prometheus_client.generate_latest(metrics.registry), content_type=PROMETHEUS_CONTENT_TYPE)
 
     return app
@@ -2368,8 +2572,8 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Databas
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(functools.partial(
                 hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger))
-            log.info("listening on %s", ", ".join(binds))
             task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        event(logging.INFO, "http_stopped", "stopped listening; requests in flight have finished")
         await to_buffer.send(Drain())
 
 
@@ -2387,6 +2591,30 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
     next_sweep = trio.current_time() + sweep_every
     drain_deadline = math.inf
     attempt = trio.CancelScope()  # the job the flusher has, or had last
+    # For the log's episodes: each is told once when it begins and once when it ends. Under
+    # sustained overload the buffer refuses and accepts in turns, flush by flush: its
+    # backpressure episode lasts until no batch was refused for BACKPRESSURE_QUIET_S.
+    failing_since = refusing_since = last_refusal = drain_started = 0.0
+    refused = 0  # batches refused in the current backpressure episode
+
+    def refusal(now: float) -> None:
+        nonlocal refusing_since, last_refusal, refused
+        if not refused:
+            refusing_since = now
+            rows, limits = sum(buf.counts()), cfg.buffer
+            event(logging.WARNING, "backpressure", "buffer full, batches get 503 until rows, bytes and journal"
+                  " are below {low:.0%} of their limits: {rows} of {max_rows} rows, {bytes} of {max_bytes}"
+                  " bytes, {journal_bytes} journal bytes", low=LOW_WATERMARK, rows=rows,
+                  max_rows=limits.max_rows, bytes=buf.bytes, max_bytes=limits.max_bytes,
+                  journal_bytes=buf.journal_bytes)
+        refused += 1
+        last_refusal = now
+
+    def refusals_over() -> None:
+        nonlocal refused
+        event(logging.INFO, "backpressure_over", "backpressure over: the episode lasted {seconds:.1f} s and"
+              " refused {refused} batches", seconds=round(last_refusal - refusing_since, 3), refused=refused)
+        refused = 0
 
     def reply_durably(reply: trio.MemorySendChannel, value: Any) -> None:
         """Answers promise what the journal has: they leave after its next fsync."""
@@ -2401,12 +2629,15 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
             # While the flusher is busy its answer is what the drain waits for: the
             # deadline is then its attempt's, not a reason to stop listening.
             wakeup = min(buf.next_wakeup(), next_sweep, math.inf if buf.flusher_busy else drain_deadline)
+            if refused:
+                wakeup = min(wakeup, last_refusal + BACKPRESSURE_QUIET_S)
             with trio.move_on_at(wakeup):
                 message = await inbox.receive()
                 now = trio.current_time()
                 match message:
                     case Write(key, rows, body, at, reply):
                         if not buf.has_room(len(rows), len(body)):
+                            refusal(now)
                             answer(reply, False)
                         elif journal is None:
                             buf.write(key, rows, at, now, len(body))
@@ -2424,15 +2655,22 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         buf.replay_done(last_seq)
                         settled = True
                     case Room(rows, nbytes, reply):
-                        answer(reply, buf.has_room(rows, nbytes))
+                        fits = buf.has_room(rows, nbytes)
+                        if not fits and not buf.replaying:  # a replay waiting for room is no refusal
+                            refusal(now)
+                        answer(reply, fits)
                     case Flush(waiter):
                         if not buf.request_flush(waiter):
                             answer(waiter.reply, waiter)
                     case Status(reply):
                         answer(reply, buffer_status(buf, now))
-                    case Written(sessions, tasks, held, refused):
-                        for table, entry, error in refused:
+                    case Written(sessions, tasks, held, refused_rows):
+                        for table, entry, error in refused_rows:
                             dead_letters.write("refused_by_database", [(table, entry)], error)
+                        if buf.failures:
+                            event(logging.INFO, "flush_recovered", "flushes succeed again after {seconds:.1f} s"
+                                  " and {attempts} failed attempts", seconds=round(now - failing_since, 3),
+                                  attempts=buf.failures)
                         for reply, value in buf.written(sessions, tasks, held, now):
                             reply_durably(reply, value)
                         settled = True
@@ -2445,14 +2683,30 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         for due, value in buf.forget(session_id, reply):
                             reply_durably(due, value)
                         settled = True
+                    case Failed(error, is_transient) if not is_transient:
+                        where = "stays in the journal"
+                        if journal is None:
+                            dead_letters.write("database_refused_writes", buf.take_all(), error)
+                            where = f"is in {dead_letters.path}"
+                        raise Fatal(f"the database refuses persistd's writes ({error}); what was acknowledged {where}")
                     case Failed(error):
                         delay = buf.failed(error, now)
-                        log.warning("flush failed, retrying in %.1f s: %s", delay, error)
+                        if buf.failures == 1:
+                            failing_since = now
+                            event(logging.WARNING, "flush_failing", "flush failed; {rows} rows are kept and retried"
+                                  " with backoff up to {retry_max:g} s: {error}", rows=sum(buf.counts()),
+                                  retry_max=cfg.buffer.retry_max, error=error)
+                        else:
+                            log.debug("flush attempt %d failed, next in %.1f s: %s", buf.failures, delay, error)
                     case Drain():
                         buf.draining = True
-                        drain_deadline = now + cfg.buffer.shutdown_timeout
+                        drain_started, drain_deadline = now, now + cfg.buffer.shutdown_timeout
                         attempt.deadline = min(attempt.deadline, drain_deadline)
+                        event(logging.INFO, "draining", "writing out {rows} buffered rows before stopping"
+                              " (at most {timeout:g} s)", rows=sum(buf.counts()), timeout=cfg.buffer.shutdown_timeout)
             now = trio.current_time()
+            if refused and now >= last_refusal + BACKPRESSURE_QUIET_S:
+                refusals_over()
             if now >= next_sweep:
                 next_sweep = now + sweep_every
                 expired = buf.expire_orphans(now)
@@ -2471,12 +2725,18 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
             if snapshot is not None:
                 attempt = trio.CancelScope(deadline=min(now + cfg.database.write_timeout, drain_deadline))
                 jobs.send_nowait(Job(snapshot, attempt))
+        if refused:
+            refusals_over()
+        left = sum(buf.counts())
         if journal is None:
             reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
             dead_letters.write(reason, buf.take_all())
-        elif sum(buf.counts()):
-            log.warning("%d rows stay in the journal for the next start: %s", sum(buf.counts()),
-                        "their session has not arrived" if buf.idle() else "the database cannot be reached")
+        elif left:
+            event(logging.WARNING, "drained", "{rows} rows stay in the journal for the next start: {why}", rows=left,
+                  why="their session has not arrived" if buf.idle() else "the database cannot be reached")
+        if not left:
+            event(logging.INFO, "drained", "everything acknowledged is written ({seconds:.1f} s)",
+                  seconds=round(trio.current_time() - drain_started, 3))
 
 
 async def journal_actor(journal: Journal, inbox: trio.MemoryReceiveChannel) -> None:
@@ -2500,38 +2760,42 @@ async def journal_actor(journal: Journal, inbox: trio.MemoryReceiveChannel) -> N
     journal.close()
 
 
-async def flusher_actor(db: Database, jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel,
-                        metrics: Metrics) -> None:
-    """Writes each job's snapshot in one transaction and reports Written or Failed. One
-    dedicated connection, replaced after any failure. No policy lives here."""
-    async def connect() -> trio_mysql.Connection:
-        """Creates the database and tables when missing."""
-        conn = await db.connect(create=True)
-        try:
-            await ensure_schema(conn, read_schema())
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+async def connect_writer(db: Database, schema: str) -> trio_mysql.Connection:
+    """A connection for the flusher, with the database and its tables created when missing."""
+    conn = await db.connect(create=True)
+    try:
+        await ensure_schema(conn, schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
-    conn = None
-    try:  # at start, so that reads work before any write
-        conn = await connect()
-    except DB_ERRORS as exc:
-        log.warning("database not ready at start (writes will retry): %s: %s", type(exc).__name__, exc)
+
+async def flusher_actor(db: Database, schema: str, conn: trio_mysql.Connection | None,
+                        jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel, metrics: Metrics) -> None:
+    """Writes each job's snapshot in one transaction and reports Written or Failed, and
+    whether retrying can help. One dedicated connection (`conn`: run() opened it at start
+    if the database answered), replaced after any failure. No policy lives here."""
     async with jobs, results:
+        if conn is not None:  # before the first write, while requests are accepted
+            try:
+                await ensure_counts(conn)
+            except DB_ERRORS:  # the first job connects again and reports what it finds
+                conn.close()
+                conn = None
         async for snapshot, scope in jobs:
             started = trio.current_time()
             outcome: Written | Failed | None = None
             with scope:
                 try:
                     if conn is None:
-                        conn = await connect()
+                        conn = await connect_writer(db, schema)
+                        await ensure_counts(conn)
                     outcome = await write_snapshot(conn, snapshot)
                 except DB_ERRORS as exc:
-                    outcome = Failed(f"{type(exc).__name__}: {exc}")
+                    outcome = Failed(describe(exc), transient(exc))
             if outcome is None:
-                outcome = Failed(f"gave up after {trio.current_time() - started:.1f} s")
+                outcome = Failed(f"gave up after {trio.current_time() - started:.1f} s", True)
             if isinstance(outcome, Failed):
                 if conn is not None:
                     conn.close()
@@ -2561,20 +2825,23 @@ async def janitor_actor(cfg: Config, db: Database, to_buffer: trio.MemorySendCha
             except trio.BrokenResourceError:  # the buffer has finished: we are shutting down
                 return
             if written_out is None:
-                log.warning("cleanup skipped: the buffer could not be written out; next run in %g s",
-                            cfg.janitor.interval)
+                event(logging.WARNING, "cleanup_skipped", "cleanup skipped: the buffer could not be written out;"
+                      " next run in {interval:g} s", interval=cfg.janitor.interval)
                 continue
             await janitor_run(cfg, db, stop)
 
 
 async def janitor_run(cfg: Config, db: Database, stop: trio.Event) -> None:
     cutoffs = cleanup_cutoffs(utc_now(), cfg.janitor.completed_days, cfg.janitor.failed_days)
+    started = trio.current_time()
     try:
         async with db.connection() as conn:
             sessions, tasks = await cleanup(conn, cutoffs, False, stop)
-        log.info("cleanup: %d sessions and %d tasks deleted", sessions, tasks)
+        event(logging.INFO, "cleanup", "cleanup: {sessions} sessions and {tasks} tasks deleted in {seconds:.1f} s",
+              sessions=sessions, tasks=tasks, seconds=round(trio.current_time() - started, 3))
     except DB_ERRORS as exc:
-        log.warning("cleanup failed, next run in %g s: %s: %s", cfg.janitor.interval, type(exc).__name__, exc)
+        event(logging.WARNING, "cleanup_failed", "cleanup failed, next run in {interval:g} s: {error}",
+              interval=cfg.janitor.interval, error=describe(exc))
 
 
 # ── run() and the command line ───────────────────────────────────────────────────────
@@ -2585,8 +2852,9 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
     """Hand the journal's unreleased batches to the buffer as they were accepted, one
     record at a time, waiting for room when the backlog is larger than the buffer. A
     signal stops it between records: what was not handed over stays in the journal."""
+    started = trio.current_time()
     records = journal.replay()
-    replayed = 0
+    replayed = replayed_bytes = 0
     while not stop.is_set() and (record := await trio.to_thread.run_sync(next, records, None)) is not None:
         seq, kind, payload = record
         try:
@@ -2602,21 +2870,94 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
         else:
             await ask_buffer(to_buffer, Replayed, key, entries, nbytes, seq)
             replayed += len(entries)
+            replayed_bytes += nbytes
     metrics.replayed_rows.inc(replayed)
+    figures = {"rows": replayed, "bytes": replayed_bytes, "seconds": round(trio.current_time() - started, 3)}
     if stop.is_set():
-        log.warning("stopped during the replay: %d rows replayed; the rest stays in the journal", replayed)
+        event(logging.WARNING, "replay_stopped", "stopped during the replay after {rows} rows ({bytes} bytes,"
+              " {seconds:.1f} s); the rest stays in the journal", **figures)
         return
     await to_buffer.send(ReplayDone(journal.last_seq))
     if replayed:
-        log.info("journal: %d rows replayed", replayed)
+        event(logging.INFO, "replayed", "journal replayed: {rows} rows, {bytes} bytes in {seconds:.1f} s", **figures)
 
 
-async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """The whole daemon until `stop` is set and everything is written. Replays the journal
-    before it listens; reports the bound port through `task_status`, so tests can start
-    it in-process on port 0."""
+def check_state_dir(path: Path) -> None:
+    """The journal and the dead-letter file live here: a directory that cannot be created
+    or written stops the start, before anything is acknowledged."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"persistd")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise Fatal(f"state dir {path} cannot be written: {exc.strerror or exc}") from None
+
+
+async def open_writer(db: Database, schema: str) -> trio_mysql.Connection | None:
+    """The flusher's connection, opened before the daemon listens, with the tables in place.
+    A database that does not answer yet is an outage: batches are accepted and written
+    once it does. One that answers and refuses (a bad password, no privilege to create
+    the tables) would refuse every write too: that is Fatal, before anything is accepted."""
+    try:
+        with trio.fail_after(db.cfg.connect_timeout + db.cfg.write_timeout):  # a DDL waiting for a lock
+            return await connect_writer(db, schema)
+    except DB_ERRORS as exc:
+        if not transient(exc):
+            raise Fatal(f"the database {masked_url(db.cfg.url)} refuses persistd: {describe(exc)}") from None
+        event(logging.WARNING, "database_unreachable_at_start", "the database does not answer yet; batches are"
+              " accepted and written once it does: {error}", error=describe(exc))
+        return None
+
+
+async def systemd_actor(notifier: Notifier, to_buffer: trio.MemorySendChannel, ready: trio.Event,
+                        stop: trio.Event) -> None:
+    """Tells systemd how the daemon is doing until `stop`, then STOPPING=1. WATCHDOG=1 goes
+    at half the unit's WatchdogSec and only when the buffer actor has answered, so that a
+    stuck event loop or a stuck buffer gets the daemon restarted. STATUS= says what it is
+    doing; until `ready` (a long replay) EXTEND_TIMEOUT_USEC keeps TimeoutStartSec away."""
+    tick = min(STATUS_EVERY_S, notifier.watchdog_s / 2 if notifier.watchdog_s else math.inf)
+    shown = None
+    async with to_buffer:
+        while not stop.is_set():
+            status = await ask_buffer(to_buffer, Status, timeout=tick)
+            if stop.is_set():  # systemd stops watching at SIGTERM; a ping now would re-arm it
+                break
+            if status is not None:
+                h = status.health
+                doing = ("writing to the database" if status.last_error is None
+                         else f"waiting for the database ({status.last_error})")
+                line = (f"{h.total_count} rows buffered, {h.tasks_waiting_for_session} waiting for their session;"
+                        f" {doing}" if ready.is_set() else f"replaying the journal: {h.total_count} rows buffered")
+                lines = ["WATCHDOG=1"] if notifier.watchdog_s else []
+                lines += [] if line == shown else [f"STATUS={line}"]
+                lines += [] if ready.is_set() else [f"EXTEND_TIMEOUT_USEC={int(3 * tick * 1e6)}"]
+                notifier.send(*lines)
+                shown = line
+            with trio.move_on_after(tick):
+                await stop.wait()
+    notifier.send("STOPPING=1", "STATUS=stopping: writing out the buffer")
+
+
+async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None,
+              task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """The whole daemon until `stop` is set and everything is written. Checks what a start
+    needs (the schema file, the state dir, a database that accepts the schema) and
+    replays the journal before it listens; reports the bound port through `task_status`,
+    so tests can start it in-process on port 0. `notifier` speaks to systemd."""
+    started = trio.current_time()
+    notifier = notifier or Notifier({})
+    schema = read_schema()
     state_dir = Path(cfg.state.dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    await trio.to_thread.run_sync(check_state_dir, state_dir)
+    event(logging.INFO, "starting", "persistd {version} starting: database {database}, state dir {state_dir},"
+          " journal {journal}", version=VERSION, database=masked_url(cfg.database.url),
+          state_dir=str(state_dir.resolve()), journal=cfg.journal.mode)
     metrics = Metrics()
     db = Database(cfg.database)
     dead_letters = DeadLetters(state_dir / "dead-letter.jsonl", metrics)
@@ -2625,23 +2966,34 @@ async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int
         raise ConfigError(f"{state_dir / 'journal'} holds acknowledged rows not yet written; "
                           "start with [journal] mode fsync or write once to write them")
     if cfg.journal.mode != "off":
+        notifier.send("STATUS=reading the journal")
         journal = Journal(state_dir / "journal", cfg.journal)
         await trio.to_thread.run_sync(journal.open)
         metrics.journal_kept_aside.inc(journal.kept_aside)
+    notifier.send("STATUS=connecting to the database")
+    writer = await open_writer(db, schema)
     to_buffer, buffer_inbox = trio.open_memory_channel(INBOX_SIZE)
     to_flusher, flusher_inbox = trio.open_memory_channel(1)
     # Unbounded: every message in it stands for rows the buffer already counts against its limits.
     to_journal, journal_inbox = trio.open_memory_channel(math.inf) if journal else (None, None)
+    ready = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(flusher_actor, db, flusher_inbox, to_buffer.clone(), metrics)
+            nursery.start_soon(flusher_actor, db, schema, writer, flusher_inbox, to_buffer.clone(), metrics)
             if journal is not None:
                 nursery.start_soon(journal_actor, journal, journal_inbox)
             nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters)
+            if notifier.sock is not None:
+                nursery.start_soon(systemd_actor, notifier, to_buffer.clone(), ready, stop)
             if journal is not None:
                 await replay(journal, to_buffer, dead_letters, metrics, stop)
             nursery.start_soon(janitor_actor, cfg, db, to_buffer.clone(), stop)
             port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
+            if not stop.is_set():  # (a signal during the replay: hypercorn stops as it starts)
+                ready.set()
+                notifier.send("READY=1", f"STATUS=listening on {cfg.server.host}:{port}")
+                event(logging.INFO, "ready", "listening on {host}:{port}, ready in {seconds:.1f} s",
+                      host=cfg.server.host, port=port, seconds=round(trio.current_time() - started, 3))
             task_status.started(port)
     finally:
         db.close()
@@ -2649,38 +3001,55 @@ async def run(cfg: Config, stop: trio.Event, *, task_status: trio.TaskStatus[int
 
 async def serve_until_signalled(cfg: Config) -> None:
     stop = trio.Event()
-    # The receiver stays open until run() returns: a second signal during the final
-    # flush is absorbed here instead of killing the process.
+    stopped_at = math.inf
+    # The receiver is open from the start, so that a signal during a long replay stops it,
+    # and stays open until run() returns: a second signal during the final flush is
+    # absorbed here instead of killing the process.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run, cfg, stop)
+            nursery.start_soon(functools.partial(run, cfg, stop, notifier=Notifier(os.environ)))
             async for signum in signals:
-                log.info("%s: stopping", signal.Signals(signum).name)
+                event(logging.INFO, "stopping", "{signal}: stopping; requests in flight get {grace:g} s",
+                      signal=signal.Signals(signum).name, grace=cfg.server.graceful_timeout)
                 stop.set()
+                stopped_at = trio.current_time()
                 break
-    log.info("stopped")
+    event(logging.INFO, "stopped", "stopped in {seconds:.1f} s", seconds=round(trio.current_time() - stopped_at, 3))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="persistd", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="TOML file (see persistd.toml); built-in defaults without it")
+    parser.add_argument("--config", metavar="FILE", help="TOML file (see persistd.toml); built-in defaults without it")
+    parser.add_argument("--check-config", metavar="FILE", help="validate FILE with the environment's overrides,"
+                        " print the effective configuration (secrets masked) and exit: 0, or 2 when invalid")
+    parser.add_argument("--print-schema", action="store_true", help="print the DDL persistd applies and exit")
+    parser.add_argument("--version", action="version", version=f"persistd {VERSION}")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, os.environ)
+        if args.print_schema:
+            print(read_schema(), end="")
+            return
+        cfg = load_config(args.check_config or args.config, os.environ)
     except ConfigError as exc:
         print(f"persistd: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Fatal as exc:
+        print(f"persistd: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if args.check_config:
+        print(config_toml(cfg), end="")
+        return
+    setup_logging(cfg.log)
     prometheus_client.disable_created_metrics()
     gc.freeze()  # the modules' objects never die: keep them out of every collection's scan
     sys.setswitchinterval(0.001)  # the flusher's worker thread yields the GIL to the loop within 1 ms
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         trio.run(serve_until_signalled, cfg)
     except* ConfigError as group:  # found at start: the state dir does not fit the config
-        print(f"persistd: {first_leaf(group)}", file=sys.stderr)
+        event(logging.CRITICAL, "config_error", "{error}", error=str(first_leaf(group)))
         sys.exit(2)
-    except* OSError as group:  # e.g. the port is taken, the state dir or the journal cannot be written
-        print(f"persistd: {first_leaf(group)}", file=sys.stderr)
+    except* (Fatal, OSError) as group:  # e.g. the port is taken, the journal cannot be written
+        event(logging.CRITICAL, "fatal", "{error}", error=str(first_leaf(group)))
         sys.exit(1)
 
 

@@ -3,6 +3,7 @@ started in-process by `run()` on a free port, spoken to over real HTTP."""
 
 import os
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -85,6 +86,31 @@ async def db():
         pytest.fail(f"test database {DATABASE_URL} is unreachable: {exc}")
     yield database
     database.database.close()
+
+
+@asynccontextmanager
+async def scratch_database(name: str, user: tuple[str, str, str] | None = None):
+    """A database of its own, created empty and dropped afterwards, for a test that changes
+    its tables or its grants. With `user` (name, password, privileges), an account that
+    has just those privileges on it. Yields the url persistd connects with."""
+    root = Db()
+    parts = urlsplit(DATABASE_URL)._replace(path=f"/{name}")
+    if user is not None:
+        login, password, privileges = user
+        parts = parts._replace(netloc=f"{login}:{password}@{parts.hostname}:{parts.port or 3306}")
+    try:
+        await root.query(f"DROP DATABASE IF EXISTS `{name}`")
+        await root.query(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        if user is not None:
+            await root.query(f"DROP USER IF EXISTS '{login}'@'%'")
+            await root.query(f"CREATE USER '{login}'@'%' IDENTIFIED BY '{password}'")
+            await root.query(f"GRANT {privileges} ON `{name}`.* TO '{login}'@'%'")
+        yield urlunsplit(parts)
+    finally:
+        if user is not None:
+            await root.query(f"DROP USER IF EXISTS '{login}'@'%'")
+        await root.query(f"DROP DATABASE IF EXISTS `{name}`")
+        root.database.close()
 
 
 class Daemon:

@@ -8,7 +8,10 @@ port, and the few helpers the process tests share to talk to it over HTTP.
         ...
 
 Leaving the block stops a process that is still running; one that already exited is left
-alone, so a killed daemon can be started again on the state it left behind."""
+alone, so a killed daemon can be started again on the state it left behind.
+
+    proc = await persistd_exits(tmp_path, state={"dir": "/nowhere"})   # a start that must fail
+    assert_one_line_error(proc, 1, "state dir")"""
 
 import json
 import os
@@ -27,6 +30,7 @@ import trio
 from conftest import DATABASE_URL
 
 START_TIMEOUT_S = 20
+PERSISTD = [sys.executable, "-m", "persistd"]  # the persistd that the test run imports
 
 
 def free_port() -> int:
@@ -89,15 +93,9 @@ class Process:
         return True
 
 
-@asynccontextmanager
-async def persistd_process(tmp_path, **sections):
-    """`python -m persistd --config <tmp>/persistd.toml` on a free port, healthy.
-
-    `sections` are merged over the defaults below, key by key (e.g.
-    `database={"url": proxy.url()}`). The state dir is `<tmp_path>/state`, so starting again
-    with the same tmp_path finds what the previous process left there; the log
-    (`<tmp_path>/persistd.log`) is appended to, one start after the other."""
-    port = free_port()
+def process_config(tmp_path, port: int, sections: dict) -> tuple[dict, str]:
+    """The test config (`sections` merged over the defaults below, key by key), written to
+    <tmp_path>/persistd.toml, and that file's path."""
     cfg = {
         "server": {"port": port, "graceful_timeout": 1.0},
         "database": {"url": DATABASE_URL, "connect_timeout": 2.0},
@@ -108,15 +106,32 @@ async def persistd_process(tmp_path, **sections):
         cfg[name] = {**cfg.get(name, {}), **values}
     config_path = tmp_path / "persistd.toml"
     config_path.write_text(toml(cfg))
+    return cfg, str(config_path)
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}, **extra}
+
+
+@asynccontextmanager
+async def persistd_process(tmp_path, command: list[str] = PERSISTD, env: dict | None = None, **sections):
+    """`python -m persistd --config <tmp>/persistd.toml` on a free port, healthy.
+
+    `sections` are merged over the defaults of process_config(), key by key (e.g.
+    `database={"url": proxy.url()}`). The state dir is `<tmp_path>/state`, so starting again
+    with the same tmp_path finds what the previous process left there; the log
+    (`<tmp_path>/persistd.log`) is appended to, one start after the other. `command` runs
+    another persistd (an installed wheel's), `env` replaces the environment."""
+    port = free_port()
+    cfg, config_path = process_config(tmp_path, port, sections)
     log_path = tmp_path / "persistd.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start on port {port} ---\n".encode())
         log.flush()
         async with trio.open_nursery() as nursery:
             proc = await nursery.start(partial(
-                trio.run_process, [sys.executable, "-m", "persistd", "--config", str(config_path)],
-                check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path)))
+                trio.run_process, [*command, "--config", config_path],
+                check=False, stdout=log, stderr=subprocess.STDOUT, env=env or clean_environ(), cwd=str(tmp_path)))
             process = Process(proc, port, cfg, log_path)
             await wait_healthy(process)
             yield process
@@ -135,6 +150,26 @@ async def wait_healthy(process: Process) -> None:
                     pass
                 await trio.sleep(0.1)
     pytest.fail(f"persistd did not become healthy (exit code {process.proc.returncode})\n{process.log()[-4000:]}")
+
+
+async def persistd_exits(tmp_path, command: list[str] = PERSISTD, env: dict | None = None,
+                         **sections) -> subprocess.CompletedProcess:
+    """A start that must fail: persistd with the test config, run until it exits (within
+    START_TIMEOUT_S), its stderr captured."""
+    _, config_path = process_config(tmp_path, free_port(), sections)
+    with trio.fail_after(START_TIMEOUT_S):
+        return await trio.run_process([*command, "--config", config_path], check=False, capture_stderr=True,
+                                      env=env or clean_environ(), cwd=str(tmp_path))
+
+
+def assert_one_line_error(proc, code: int, *words: str) -> None:
+    """Exit status `code`, and stderr ends with one line that says what is wrong (each of
+    `words` in it), without a traceback."""
+    stderr = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else proc.stderr
+    assert proc.returncode == code, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "persistd: " in last and "Traceback" not in stderr, stderr
+    assert all(word in last for word in words), last
 
 
 def encode(key: str, rows: list[dict]) -> bytes:

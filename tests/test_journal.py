@@ -6,6 +6,7 @@ rest of their batch is written. The crash loop and the outage run in test_durabi
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DATABASE_URL, KEPT_COUNTS, RECOUNTED, SESSION_ID, make_config, running, session, task
+from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, process_config
 from proxy import tcp_proxy
 from persistd.daemon import (BATCH_KINDS, RECORD, TASKS, Buffer, BufferConfig, Database, DatabaseConfig, Journal,
-                             JournalConfig, decode_batch, micros, overlay, run, upsert, write_snapshot)
+                             JournalConfig, decode_batch, micros, overlay, upsert, write_snapshot)
 
 TASKS_URL = "/api/v1/translation/tasks/batch"
 SESSIONS_URL = "/api/v1/translation/sessions/batch"
@@ -184,8 +186,8 @@ async def test_a_start_replays_the_journal_before_it_listens(db, tmp_path):
 
 async def test_a_signal_during_a_long_replay_stops_the_daemon_and_keeps_the_journal(db, tmp_path):
     """The database is down and the backlog is three times the buffer: the replay waits
-    for room that never comes. A signal then stops the daemon within shutdown_timeout
-    without it ever listening, and every record is still in the journal."""
+    for room that never comes. SIGTERM then stops the process within shutdown_timeout
+    (exit 0) without it ever listening, and every record is still in the journal."""
     path = tmp_path / "state" / "journal"
     path.mkdir(parents=True)
     journal = journal_at(path)
@@ -196,28 +198,24 @@ async def test_a_signal_during_a_long_replay_stops_the_daemon_and_keeps_the_jour
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         nobody = f"mysql://root@127.0.0.1:{unused.getsockname()[1]}/persistd_test"
-    cfg = make_config(tmp_path, database={"url": nobody}, buffer={"max_rows": 1000, "shutdown_timeout": 1})
-    stop = trio.Event()
-    listening = []
-    with trio.fail_after(1.0 + cfg.buffer.shutdown_timeout + 5):  # run() returns on its own
+    port = free_port()
+    cfg, config_path = process_config(tmp_path, port, {"database": {"url": nobody},
+                                                       "buffer": {"max_rows": 1000, "shutdown_timeout": 1}})
+    with open(tmp_path / "persistd.log", "wb") as log:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(run, cfg, stop, task_status=StartedAt(listening)))
-            await trio.sleep(1.0)
-            assert not listening
-            stop.set()
+            proc = await nursery.start(functools.partial(
+                trio.run_process, [*PERSISTD, "--config", config_path], check=False, stdout=log,
+                stderr=subprocess.STDOUT, env=clean_environ()))
+            process = Process(proc, port, cfg, tmp_path / "persistd.log")
+            await trio.sleep(2.0)
+            assert proc.returncode is None and not await process.accepts_connections(), process.log()
+            process.signal(signal.SIGTERM)
+            code, _ = await process.wait_exit(cfg["server"]["graceful_timeout"] + 1 + 5)
+    assert code == 0, process.log()
+    assert "stopped during the replay" in process.log()
     for name, data in before.items():
         assert (path / name).read_bytes()[:len(data)] == data
     assert [ids[:1] for _, ids in replayed(journal_at(path))] == [["t1-0"], ["t2-0"], ["t3-0"]]
-
-
-class StartedAt:
-    """A task_status that records the port run() reports, if it ever does."""
-
-    def __init__(self, ports: list) -> None:
-        self.ports = ports
-
-    def started(self, port=None) -> None:
-        self.ports.append(port)
 
 
 async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
@@ -263,9 +261,7 @@ def test_mode_off_refuses_to_start_over_unwritten_journal_records(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
     proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(config)], env=clean,
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("persistd: ") and "not yet written" in proc.stderr.splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, 2, "not yet written")
 
 
 async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_rest_is_written(db, tmp_path):

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SESSION_ID, make_config, running, session, task
 from persistd.daemon import load_config, parse_database_url
+from processes import assert_one_line_error, persistd_exits
 from proxy import tcp_proxy
 
 SESSIONS = "/api/v1/translation/sessions/batch"
@@ -440,15 +441,13 @@ def test_config_defaults_without_a_file():
 
 
 def test_example_config_documents_every_key_with_its_default(tmp_path):
-    """persistd.toml lists every key; its values are the built-in defaults (but [state] dir)."""
+    """persistd.toml lists every key; its values are the built-in defaults."""
     path = Path(__file__).parent.parent / "persistd.toml"
     example = load_config(str(path), {})
     defaults = msgspec.to_builtins(load_config(None, {}))
     raw = tomllib.loads(path.read_text())
     assert {name: set(keys) for name, keys in raw.items()} == {name: set(keys) for name, keys in defaults.items()}
-    shown = msgspec.to_builtins(example)
-    shown["state"]["dir"] = defaults["state"]["dir"]
-    assert shown == defaults
+    assert msgspec.to_builtins(example) == defaults
 
 
 def test_environment_overrides_database_url_and_port(tmp_path):
@@ -479,20 +478,13 @@ def test_invalid_config_is_one_line_and_exit_2(tmp_path, text, env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
     proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(path)], env={**clean, **env},
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("persistd: ")
+    assert proc.stderr.count("\n") == 1
+    assert_one_line_error(proc, 2)
 
 
-def test_a_port_in_use_is_a_one_line_error_and_exit_1(tmp_path):
+async def test_a_port_in_use_is_a_one_line_error_and_exit_1(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        path = tmp_path / "p.toml"
-        path.write_text(f'[server]\nport = {port}\n[state]\ndir = "{tmp_path / "state"}"\n')
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
-        proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(path)], env=clean,
-                              capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("persistd: ") and "Traceback" not in proc.stderr
+        proc = await persistd_exits(tmp_path, server={"port": taken.getsockname()[1]})
+    assert_one_line_error(proc, 1, "Address already in use")

@@ -16,7 +16,7 @@ import trio.testing
 
 from conftest import SESSION_ID, BufferAlone, make_config, running, session, task
 from persistd.daemon import (
-    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, TASKS, Buffer, BufferConfig, Entry, Drain, Failed, Flush, FlushWaiter,
+    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, TASKS, Buffer, BufferConfig, Entry, Drain, Failed, Fatal, Flush, FlushWaiter,
     SessionIn, TaskIn, Write, Written, upsert,
 )
 
@@ -464,7 +464,7 @@ async def test_failed_flush_keeps_every_row_and_retries_with_growing_backoff(har
     delays = []
     for _ in range(4):
         failed_at = trio.current_time()
-        await harness.to_buffer.send(Failed("OperationalError 2003"))
+        await harness.to_buffer.send(Failed("OperationalError 2003", True))
         again, _ = await harness.jobs.receive()
         assert again is first  # the same rows, retried as they were
         delays.append(trio.current_time() - failed_at)
@@ -479,7 +479,7 @@ async def test_newer_writes_win_over_a_snapshot_that_failed_and_was_retried(harn
     await harness.ask(Write, "tasks", task_rows(1, status="processing"), b"", AT)
     old, _ = await harness.jobs.receive()
     await harness.ask(Write, "tasks", task_rows(1, status="completed", target_text="done"), b"", AT)
-    await harness.to_buffer.send(Failed("lost connection"))
+    await harness.to_buffer.send(Failed("lost connection", True))
     retried, _ = await harness.jobs.receive()
     assert retried is old
     await harness.to_buffer.send(Written(0, 1, [], []))
@@ -518,7 +518,7 @@ async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_
         except trio.EndOfChannel:
             break
         assert attempt.deadline <= 5 + 1e-9
-        await h.to_buffer.send(Failed("server gone"))
+        await h.to_buffer.send(Failed("server gone", True))
     assert trio.current_time() == pytest.approx(5, abs=0.5)
     lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert sorted(line["row"]["task_id"] for line in lines) == ["t0", "t1", "t2"]
@@ -535,11 +535,33 @@ async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp
     assert attempt.deadline == pytest.approx(trio.current_time() + 5, abs=0.2)
     with attempt:  # what the flusher does: it gives up at the deadline...
         await trio.sleep_forever()
-    await h.to_buffer.send(Failed("gave up"))  # ...and says so
+    await h.to_buffer.send(Failed("gave up", True))  # ...and says so
     with pytest.raises(trio.EndOfChannel):
         await h.jobs.receive()
     lines = (tmp_path / "dead.jsonl").read_text().splitlines()
     assert len(lines) == 3
+
+
+async def test_a_flush_refused_for_good_stops_the_buffer_and_dead_letters_its_rows_without_a_journal(
+        tmp_path, autojump_clock):
+    """Failed with transient=False (no privilege, a column gone): retrying cannot help, so
+    the buffer actor raises Fatal, and stops the daemon; without a journal its rows go to
+    the dead-letter file first."""
+    h = BufferAlone(tmp_path)
+    with pytest.raises(ExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            h.start(nursery)
+            await h.ask(Write, "tasks", task_rows(3), b"", AT)
+            await h.ask(Write, "tasks", task_rows(2, status="completed"), b"", AT)
+            await h.jobs.receive()
+            await h.to_buffer.send(Failed("OperationalError: (1142, 'INSERT command denied')", False))
+            await trio.sleep_forever()
+    [fatal] = raised.value.exceptions
+    assert isinstance(fatal, Fatal) and "1142" in str(fatal) and "dead.jsonl" in str(fatal)
+    lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert sorted((line["row"]["task_id"], line["row"]["status"]) for line in lines) == [
+        ("t0", "completed"), ("t1", "completed"), ("t2", "pending")]
+    assert {line["reason"] for line in lines} == {"database_refused_writes"}
 
 
 async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):
