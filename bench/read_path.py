@@ -699,7 +699,7 @@ def start_daemon(port: int, tmp: Path, db: str) -> Daemon:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
     counted = trio.run(counts_kept, db)
     with open(log_path, "wb") as log:  # run from its parent directory, `-m` finds the persistd imported here
-        process = subprocess.Popen([sys.executable, "-m", "persistd", "--config", str(config)],
+        process = subprocess.Popen([sys.executable, "-P", "-m", "persistd", "--config", str(config)],
                                    cwd=DAEMON_FILE.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
     daemon = Daemon(process, log_path, state_dir)
     wait_listening(daemon)

@@ -596,7 +596,7 @@ def start_daemon(port: int, concurrency: int, journal: str, tmp: Path) -> Daemon
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DAEMON_FILE.parents[1]), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "persistd", "--config", str(config)],
+        process = subprocess.Popen([sys.executable, "-P", "-m", "persistd", "--config", str(config)],
                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     daemon = Daemon(process, log_path, state_dir)
     wait_listening(daemon)

@@ -30,7 +30,10 @@ import trio
 from conftest import DATABASE_URL
 
 START_TIMEOUT_S = 20
-PERSISTD = [sys.executable, "-m", "persistd"]  # the persistd that the test run imports
+# The persistd that the test run imports. -P: the working directory is not put on sys.path,
+# so that a test started in the checkout runs the installed package, as users do (the
+# checkout's persistd/ lacks persistd/sql, which only the wheel lays out).
+PERSISTD = [sys.executable, "-P", "-m", "persistd"]
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DATABASE_URL, SESSION_ID, scratch_database, session, task
 from persistd.daemon import Database, DatabaseConfig, describe, load_config, transient
-from processes import (Process, assert_one_line_error, clean_environ, free_port, persistd_exits, persistd_process,
+from processes import (PERSISTD, Process, assert_one_line_error, clean_environ, free_port, persistd_exits, persistd_process,
                        post, wait_healthy)
 from proxy import tcp_proxy
 
@@ -143,7 +143,7 @@ def proc_uid(pid: int) -> int:
 def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('[database]\nurl = "mysql://app:s3cr%40t@db.internal:3307/persistd"\n[journal]\nmode = "write"\n')
-    proc = subprocess.run([sys.executable, "-m", "persistd", "--check-config", path], capture_output=True, text=True,
+    proc = subprocess.run([*PERSISTD, "--check-config", path], capture_output=True, text=True,
                           env=clean_environ(PERSISTD_PORT="9100"), timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "s3cr" not in proc.stdout and 'url = "mysql://app:***@db.internal:3307/persistd"' in proc.stdout
@@ -158,7 +158,7 @@ def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp
 def test_check_config_of_an_invalid_file_is_one_line_and_exit_2(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text("[buffer]\nflush_rows = 0\n")
-    proc = subprocess.run([sys.executable, "-m", "persistd", "--check-config", path], capture_output=True, text=True,
+    proc = subprocess.run([*PERSISTD, "--check-config", path], capture_output=True, text=True,
                           env=clean_environ(), timeout=30)
     assert_one_line_error(proc, 2, "flush_rows")
     assert proc.stdout == ""

@@ -6,7 +6,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tomllib
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -19,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SESSION_ID, make_config, running, session, task
 from persistd.daemon import load_config, parse_database_url
-from processes import assert_one_line_error, persistd_exits
+from processes import PERSISTD, assert_one_line_error, persistd_exits
 from proxy import tcp_proxy
 
 SESSIONS = "/api/v1/translation/sessions/batch"
@@ -476,7 +475,7 @@ def test_invalid_config_is_one_line_and_exit_2(tmp_path, text, env):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
-    proc = subprocess.run([sys.executable, "-m", "persistd", "--config", str(path)], env={**clean, **env},
+    proc = subprocess.run([*PERSISTD, "--config", str(path)], env={**clean, **env},
                           capture_output=True, text=True, timeout=30)
     assert proc.stderr.count("\n") == 1
     assert_one_line_error(proc, 2)
