@@ -54,7 +54,10 @@ import collections
 import contextlib
 import functools
 import gc
+import hashlib
+import hmac
 import importlib.resources
+import ipaddress
 import itertools
 import logging
 import math
@@ -62,6 +65,7 @@ import operator
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -76,11 +80,13 @@ from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hypercorn.config
+import jwt
 import hypercorn.trio
 import msgspec
 import prometheus_client
 import trio
 import trio_mysql
+from cryptography.hazmat.primitives import serialization
 from msgspec import UNSET, Meta, Struct, UnsetType
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -128,6 +134,8 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     port: Annotated[int, Meta(ge=0, le=65535)] = 8001
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     graceful_timeout: Annotated[float, Meta(ge=0)] = 2.0
+    certfile: str = ""  # PEM certificate (chain) and its key: HTTPS instead of HTTP when both are set
+    keyfile: str = ""
 
 
 class DatabaseConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -176,6 +184,25 @@ class LogConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class JwtConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # Tokens from an identity provider: signature, iss, aud, exp and nbf are checked. On
+    # once key_file is set: the HS256 secret, or the issuer's RS256/ES256 public key (PEM).
+    algorithm: Literal["HS256", "RS256", "ES256"] = "RS256"
+    key_file: str = ""
+    issuer: str = ""
+    audience: str = ""
+    scopes_claim: str = "scope"  # a space-separated string ("read write") or a list
+    leeway: Annotated[float, Meta(ge=0, le=300)] = 30.0  # seconds of clock skew allowed on exp and nbf
+
+
+class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # Off until keys_file or [auth.jwt] key_file is set (spec §2.2; Phase 1 clients send
+    # no credentials). keys_file: API keys, one a line, `NAME SCOPES sha256:HEX`.
+    keys_file: str = ""
+    metrics: Literal["open", "read"] = "open"  # whether scraping needs the read scope
+    jwt: JwtConfig = msgspec.field(default_factory=JwtConfig)
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
@@ -184,6 +211,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     janitor: JanitorConfig = msgspec.field(default_factory=JanitorConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
 
 
 class ConfigError(Exception):
@@ -226,6 +254,11 @@ def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
         raise ConfigError("[buffer] max_bytes must be at least [server] max_body_bytes, or the largest body never fits")
     if cfg.journal.max_bytes < cfg.buffer.max_bytes:
         raise ConfigError("[journal] max_bytes must be at least [buffer] max_bytes: the journal holds every buffered row")
+    if bool(cfg.server.certfile) != bool(cfg.server.keyfile):
+        raise ConfigError("[server] certfile and keyfile go together: set both for HTTPS, or neither")
+    jwt_cfg = cfg.auth.jwt
+    if jwt_cfg.key_file and not (jwt_cfg.issuer and jwt_cfg.audience):
+        raise ConfigError("[auth.jwt] needs issuer and audience: a token for another service must not be accepted")
     return cfg
 
 
@@ -241,13 +274,20 @@ def masked_url(url: str) -> str:
 def config_toml(cfg: Config) -> str:
     """The effective configuration as TOML, secrets masked: what --check-config prints."""
     lines = []
-    for section, values in msgspec.to_builtins(cfg).items():
-        lines.append(f"[{section}]")
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
         for key, value in values.items():
-            if (section, key) == ("database", "url"):
-                value = masked_url(value)
-            lines.append(f"{key} = {msgspec.json.encode(value).decode()}")
+            if not isinstance(value, dict):
+                value = masked_url(value) if (name, key) == ("database", "url") else value
+                lines.append(f"{key} = {msgspec.json.encode(value).decode()}")
         lines.append("")
+        for key, value in values.items():
+            if isinstance(value, dict):  # [auth.jwt]
+                table(f"{name}.{key}", value)
+
+    for section, values in msgspec.to_builtins(cfg).items():
+        table(section, values)
     return "\n".join(lines)
 
 
@@ -811,6 +851,137 @@ class Metrics:
             "persistence_backpressure", "1 while batches are refused with 503 BUFFER_FULL", registry=r)
         self.refused_batches = prometheus_client.Counter(
             "persistence_batches_refused", "Batches refused with 503 BUFFER_FULL", registry=r)
+        self.auth_refusals = prometheus_client.Counter(
+            "persistence_auth_refusals", "Requests refused with 401 or 403, by reason", ["reason"], registry=r)
+
+
+# ── authentication (spec §2.2) ───────────────────────────────────────────────────────
+# Each route needs one scope: write (batches, flush), read (queries, recovery, stats),
+# admin (DELETE, cleanup). A credential is an API key, stored as its SHA-256 only, or a
+# JWT verified by PyJWT; either comes as `Authorization: Bearer ...` or `X-API-Key: ...`.
+
+SCOPES = ("read", "write", "admin")
+AUTH_RELOAD_S = 1.0  # the keys file (and the JWT key) are read again this soon after a change
+KEY_LINE = re.compile(r"(\S+)\s+([a-z,]+)\s+sha256:([0-9a-f]{64})")
+
+
+class Refused(Exception):
+    """No valid credential (401) or not the scope the route needs (403)."""
+
+    def __init__(self, status: int, reason: str, detail: str, scope: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.scope = status, reason, scope
+
+
+def parse_keys(text: str, where: str) -> dict[bytes, tuple[str, frozenset[str]]]:
+    """The keys file: `NAME SCOPES sha256:HEX` a line, # comments. Several keys may share a
+    name and scopes (two valid at once while a client moves to the new one)."""
+    keys = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = KEY_LINE.fullmatch(line)
+        scopes = frozenset(m[2].split(",")) if m else frozenset()
+        if not m or not scopes <= set(SCOPES):
+            raise ConfigError(f"{where}:{number}: expected NAME SCOPES sha256:HEX with SCOPES from {','.join(SCOPES)}")
+        keys[bytes.fromhex(m[3])] = (m[1], scopes)
+    return keys
+
+
+def new_key(name: str, scopes: str) -> tuple[str, str]:
+    """A fresh API key for a client, and its line for the keys file."""
+    if not set(scopes.split(",")) <= set(SCOPES) or not re.fullmatch(r"\S+", name):
+        raise ConfigError(f"a key needs a NAME without spaces and SCOPES from {','.join(SCOPES)}, comma-separated")
+    key = "pd_" + secrets.token_urlsafe(32)
+    return key, f"{name} {scopes} sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+class Auth:
+    """The credentials a request may carry, read from the files the config names. `load()`
+    reads them (blocking: a worker thread, or before the daemon runs); `scopes()` is what a
+    request handler calls."""
+
+    def __init__(self, cfg: AuthConfig) -> None:
+        self.cfg = cfg
+        self.keys: dict[bytes, tuple[str, frozenset[str]]] = {}
+        self.jwt_key: Any = None
+        self.seen: tuple = ()  # what the files were at the last load
+
+    @property
+    def on(self) -> bool:
+        return bool(self.cfg.keys_file or self.cfg.jwt.key_file)
+
+    def load(self) -> bool:
+        """Read the files again if they changed since the last load; whether they had. A file
+        that cannot be read or parsed raises ConfigError, and the previous keys stay."""
+        paths = [p for p in (self.cfg.keys_file, self.cfg.jwt.key_file) if p]
+        try:
+            seen = tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in map(os.stat, paths))
+            if seen == self.seen:
+                return False
+            keys = parse_keys(Path(self.cfg.keys_file).read_text(), self.cfg.keys_file) if self.cfg.keys_file else {}
+            jwt_key = Path(self.cfg.jwt.key_file).read_bytes().strip() if self.cfg.jwt.key_file else None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        if jwt_key is not None and self.cfg.jwt.algorithm != "HS256":
+            try:
+                jwt_key = serialization.load_pem_public_key(jwt_key)
+            except ValueError as exc:
+                raise ConfigError(f"{self.cfg.jwt.key_file}: not a PEM public key ({exc})") from None
+        self.keys, self.jwt_key, self.seen = keys, jwt_key, seen
+        return True
+
+    def scopes(self, headers: typing.Mapping[str, str]) -> frozenset[str]:
+        """The scopes the request's credential grants, or Refused."""
+        authorization = headers.get("Authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else headers.get("X-API-Key", "").strip()
+        if not token:
+            raise Refused(401, "missing", "Credentials are required: Authorization: Bearer <key or token>, or X-API-Key")
+        if self.jwt_key is not None and token.count(".") == 2:
+            return self._token_scopes(token)
+        digest = hashlib.sha256(token.encode(errors="surrogateescape")).digest()
+        found = None
+        for stored, key in self.keys.items():  # every key compared, in constant time each
+            if hmac.compare_digest(stored, digest):
+                found = key
+        if found is None:
+            raise Refused(401, "invalid_key", "The API key is not valid")
+        return found[1]
+
+    def _token_scopes(self, token: str) -> frozenset[str]:
+        jwt_cfg = self.cfg.jwt
+        try:
+            claims = jwt.decode(token, self.jwt_key, algorithms=[jwt_cfg.algorithm], audience=jwt_cfg.audience,
+                                issuer=jwt_cfg.issuer, leeway=jwt_cfg.leeway,
+                                options={"require": ["exp", "iss", "aud"]})
+        except jwt.ExpiredSignatureError:
+            raise Refused(401, "expired", "The token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Refused(401, "invalid_token", f"The token is not valid: {exc}") from None
+        granted = claims.get(jwt_cfg.scopes_claim, ())
+        return frozenset(granted.split() if isinstance(granted, str) else granted if isinstance(granted, list) else ())
+
+    def check(self, headers: typing.Mapping[str, str], scope: str) -> None:
+        if scope not in self.scopes(headers):
+            raise Refused(403, "insufficient_scope", f"The credential lacks the {scope} scope", scope)
+
+
+async def keys_actor(auth: Auth, stop: trio.Event) -> None:
+    """Reads the keys file and the JWT key again within AUTH_RELOAD_S of a change: a key is
+    added or revoked, or the identity provider's key rotated, without a restart. A file
+    that cannot be read keeps the keys that were loaded."""
+    while not stop.is_set():
+        with trio.move_on_after(AUTH_RELOAD_S):
+            await stop.wait()
+        try:
+            if await trio.to_thread.run_sync(auth.load):
+                event(logging.INFO, "keys_reloaded", "credentials read again: {keys} API keys, JWT {jwt}",
+                      keys=len(auth.keys), jwt="on" if auth.jwt_key is not None else "off")
+        except ConfigError as exc:
+            event(logging.WARNING, "keys_unreadable", "credentials not read again, the previous ones stay: {error}",
+                  error=str(exc))
 
 
 # ── logs and systemd ─────────────────────────────────────────────────────────────────
@@ -2312,16 +2483,43 @@ def endpoint_label(rule: str) -> str:
     return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
 
 
-def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics) -> QuartTrio:
+# The scope each route needs when auth is on, by handler name; /health and (by default)
+# the metrics stay open.
+ROUTE_SCOPES = {
+    "sessions_batch": "write", "tasks_batch": "write", "flush": "write",
+    "sessions_list": "read", "session_detail": "read", "session_tasks": "read", "task_detail": "read",
+    "tasks_list": "read", "recovery_incomplete": "read", "recovery_restore": "read", "stats": "read",
+    "session_delete": "admin", "sessions_cleanup": "admin",
+}
+
+
+def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics,
+               auth: Auth) -> QuartTrio:
     app = QuartTrio("persistd")
     app.config["MAX_CONTENT_LENGTH"] = cfg.server.max_body_bytes
     started = time.monotonic()
+    scopes = {**ROUTE_SCOPES, **({"system_metrics": "read"} if cfg.auth.metrics == "read" else {})}
 
     ask = functools.partial(ask_buffer, to_buffer)
 
     @app.before_request
-    async def start_timer() -> None:
+    async def start_timer_and_authenticate() -> None:
+        """Before the body is read: a request without the scope never costs a decode."""
         g.started = time.perf_counter()
+        scope = scopes.get(request.endpoint)
+        if scope is None or not auth.on:
+            return
+        try:
+            auth.check(request.headers, scope)
+        except Refused as refused:
+            metrics.auth_refusals.labels(refused.reason).inc()
+            error = ApiError(refused.status, "UNAUTHORIZED" if refused.status == 401 else "FORBIDDEN", str(refused))
+            challenge = 'Bearer realm="persistd"'
+            if refused.reason != "missing":
+                kind = "insufficient_scope" if refused.status == 403 else "invalid_token"
+                challenge += f', error="{kind}"' + (f', scope="{refused.scope}"' if refused.scope else "")
+            error.headers["WWW-Authenticate"] = challenge
+            raise error from None
 
     @app.after_request
     async def observe(response: Response) -> Response:
@@ -2557,7 +2755,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
 # ── actors ───────────────────────────────────────────────────────────────────────────
 
 
-async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics,
+async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics, auth: Auth,
                      shutdown_trigger: typing.Callable[[], typing.Awaitable[Any]],
                      *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serves the API until `shutdown_trigger` returns and in-flight requests have
@@ -2565,9 +2763,11 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Databas
     config = hypercorn.config.Config()
     config.bind = [f"{cfg.server.host}:{cfg.server.port}"]
     config.graceful_timeout = cfg.server.graceful_timeout
+    if cfg.server.certfile:
+        config.certfile, config.keyfile = cfg.server.certfile, cfg.server.keyfile
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    app = create_app(cfg, to_buffer, db, metrics)
+    app = create_app(cfg, to_buffer, db, metrics, auth)
     async with to_buffer:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(functools.partial(
@@ -2882,6 +3082,13 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
         event(logging.INFO, "replayed", "journal replayed: {rows} rows, {bytes} bytes in {seconds:.1f} s", **figures)
 
 
+def loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def check_state_dir(path: Path) -> None:
     """The journal and the dead-letter file live here: a directory that cannot be created
     or written stops the start, before anything is acknowledged."""
@@ -2970,6 +3177,11 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
         journal = Journal(state_dir / "journal", cfg.journal)
         await trio.to_thread.run_sync(journal.open)
         metrics.journal_kept_aside.inc(journal.kept_aside)
+    auth = Auth(cfg.auth)
+    await trio.to_thread.run_sync(auth.load)
+    if not auth.on and not loopback(cfg.server.host):
+        event(logging.WARNING, "auth_off", "listening on {host} with auth off: anyone who reaches the port may"
+              " write, read and delete; set [auth] keys_file or [auth.jwt] key_file", host=cfg.server.host)
     notifier.send("STATUS=connecting to the database")
     writer = await open_writer(db, schema)
     to_buffer, buffer_inbox = trio.open_memory_channel(INBOX_SIZE)
@@ -2988,7 +3200,9 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
             if journal is not None:
                 await replay(journal, to_buffer, dead_letters, metrics, stop)
             nursery.start_soon(janitor_actor, cfg, db, to_buffer.clone(), stop)
-            port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, stop.wait)
+            if auth.on:
+                nursery.start_soon(keys_actor, auth, stop)
+            port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, auth, stop.wait)
             if not stop.is_set():  # (a signal during the replay: hypercorn stops as it starts)
                 ready.set()
                 notifier.send("READY=1", f"STATUS=listening on {cfg.server.host}:{port}")
@@ -3023,11 +3237,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-config", metavar="FILE", help="validate FILE with the environment's overrides,"
                         " print the effective configuration (secrets masked) and exit: 0, or 2 when invalid")
     parser.add_argument("--print-schema", action="store_true", help="print the DDL persistd applies and exit")
+    parser.add_argument("--new-key", nargs=2, metavar=("NAME", "SCOPES"), help="make an API key for a client"
+                        " (SCOPES: read,write,admin, comma-separated), print it and its line for [auth] keys_file")
     parser.add_argument("--version", action="version", version=f"persistd {VERSION}")
     args = parser.parse_args(argv)
     try:
         if args.print_schema:
             print(read_schema(), end="")
+            return
+        if args.new_key:
+            key, line = new_key(*args.new_key)
+            print(f"key (give it to the client; it is not stored): {key}\nline for the keys file: {line}")
             return
         cfg = load_config(args.check_config or args.config, os.environ)
     except ConfigError as exc:
