@@ -65,6 +65,7 @@ import operator
 import os
 import random
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -80,8 +81,13 @@ from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hypercorn.config
+import hypercorn.events
+import hypercorn.protocol
+import hypercorn.protocol.h11
 import jwt
 import hypercorn.trio
+import hypercorn.trio.run
+import hypercorn.trio.tcp_server
 import msgspec
 import prometheus_client
 import trio
@@ -117,6 +123,13 @@ RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] 
 ORPHAN_SWEEP_MAX_S = 60.0
 STATUS_EVERY_S = 5.0  # systemd's STATUS= line is refreshed this often (and at half WatchdogSec)
 BACKPRESSURE_QUIET_S = 10.0  # a backpressure episode ends once no batch was refused for this long
+# A client that sends nothing for this long while the server waits for it is dropped. The idle
+# keep-alive close (hypercorn's keep_alive_timeout, 5 s) comes first; this is the backstop.
+READ_TIMEOUT_S = 30.0
+WRITE_TIMEOUT_S = 10.0  # a client that has not taken one whole send of an answer by then is dropped (also
+# bounds how long such a client delays shutdown: the unit's TimeoutStopSec is 45 s)
+FD_RESERVE = 64  # descriptors kept free of client connections: journal segments, database, logs
+TLS_HANDSHAKE_TIMEOUT_S = 5.0  # hypercorn's default, 60 s, would let a silent client hold a connection slot that long
 # Session variables for every connection: times are UTC, and nothing is silently truncated.
 SESSION_SETUP = (
     "SET time_zone = '+00:00', "
@@ -133,6 +146,13 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8001
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
+    # request bodies being received at once, all requests together (Content-Length, or
+    # max_body_bytes for a chunked body); beyond it 503 + Retry-After. Each byte costs about
+    # 2.5 bytes of memory while it is read and decoded.
+    max_inflight_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    # client connections at once (also bounded by RLIMIT_NOFILE minus FD_RESERVE); beyond it a
+    # new connection is closed as soon as it is accepted
+    max_connections: Annotated[int, Meta(ge=1)] = 1000
     graceful_timeout: Annotated[float, Meta(ge=0)] = 2.0
     certfile: str = ""  # PEM certificate (chain) and its key: HTTPS instead of HTTP when both are set
     keyfile: str = ""
@@ -250,6 +270,8 @@ def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
     parse_database_url(cfg.database.url)
+    if cfg.server.max_inflight_bytes < cfg.server.max_body_bytes:
+        raise ConfigError("[server] max_inflight_bytes must be at least [server] max_body_bytes, or the largest body never fits")
     if cfg.buffer.max_bytes < cfg.server.max_body_bytes:
         raise ConfigError("[buffer] max_bytes must be at least [server] max_body_bytes, or the largest body never fits")
     if cfg.journal.max_bytes < cfg.buffer.max_bytes:
@@ -651,9 +673,12 @@ def decode_batch(key: str, body: bytes) -> list:
     """The rows of a batch body, or ApiError naming every offending row and field."""
     batch_type, row_type = BATCHES[key]
     try:
-        rows = getattr(_decoder(batch_type).decode(body), key)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise explain_batch(key, row_type, body) from None
+        try:
+            rows = getattr(_decoder(batch_type).decode(body), key)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            raise explain_batch(key, row_type, body) from None
+    except RecursionError:  # msgspec recurses once per level, up to Python's recursion limit (~1000 levels)
+        raise ApiError(400, "INVALID_JSON", "Request body is nested too deeply") from None
     errors = [err for i, row in enumerate(rows) for err in check_row(row, f"{key}[{i}]")]
     if errors:
         raise ApiError(422, "VALIDATION_ERROR", f"Invalid {key[:-1]} data", errors)
@@ -738,19 +763,19 @@ def check_row(row: SessionIn | TaskIn, where: str) -> list[tuple[str, str]]:
         for name in ("game_info", "metadata"):
             value = getattr(row, name)
             if type(value) is dict:
-                if json_depth(value) > JSON_MAX_DEPTH:
+                if json_depth(value, JSON_MAX_DEPTH + 1) > JSON_MAX_DEPTH:
                     errors.append((f"{where}.{name}", f"Nested deeper than {JSON_MAX_DEPTH} levels"))
                 elif len(msgspec.json.encode(value)) > JSON_MAX_BYTES:
                     errors.append((f"{where}.{name}", f"Longer than {JSON_MAX_BYTES} bytes as JSON"))
     return errors
 
 
-def json_depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(json_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(json_depth, value), default=0)
-    return 0
+def json_depth(value: Any, limit: int) -> int:
+    """The nesting depth of a decoded JSON value, counted no further than `limit`: the
+    recursion never goes deeper than that, however deep the value."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    return 1 + max((json_depth(v, limit - 1) for v in (value.values() if isinstance(value, dict) else value)), default=0)
 
 
 def utc_now() -> datetime:
@@ -2451,7 +2476,8 @@ def buffer_status(buf: Buffer, now: float) -> BufferStatus:
 
 JSON = "application/json"
 HTTP_ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-                    413: "PAYLOAD_TOO_LARGE"}
+                    408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE"}
+BUSY = "persistd.busy"  # scope key: the body would pass max_inflight_bytes (see guard())
 
 
 def validation_error(exc: msgspec.ValidationError, where: str = "") -> tuple[str, str]:
@@ -2507,19 +2533,24 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         """Before the body is read: a request without the scope never costs a decode."""
         g.started = time.perf_counter()
         scope = scopes.get(request.endpoint)
-        if scope is None or not auth.on:
-            return
-        try:
-            auth.check(request.headers, scope)
-        except Refused as refused:
-            metrics.auth_refusals.labels(refused.reason).inc()
-            error = ApiError(refused.status, "UNAUTHORIZED" if refused.status == 401 else "FORBIDDEN", str(refused))
-            challenge = 'Bearer realm="persistd"'
-            if refused.reason != "missing":
-                kind = "insufficient_scope" if refused.status == 403 else "invalid_token"
-                challenge += f', error="{kind}"' + (f', scope="{refused.scope}"' if refused.scope else "")
-            error.headers["WWW-Authenticate"] = challenge
-            raise error from None
+        if scope is not None and auth.on:
+            try:
+                auth.check(request.headers, scope)
+            except Refused as refused:
+                metrics.auth_refusals.labels(refused.reason).inc()
+                error = ApiError(refused.status, "UNAUTHORIZED" if refused.status == 401 else "FORBIDDEN", str(refused))
+                challenge = 'Bearer realm="persistd"'
+                if refused.reason != "missing":
+                    kind = "insufficient_scope" if refused.status == 403 else "invalid_token"
+                    challenge += f', error="{kind}"' + (f', scope="{refused.scope}"' if refused.scope else "")
+                error.headers["WWW-Authenticate"] = challenge
+                raise error from None
+        if request.scope.get(BUSY):  # see guard(): the body would pass max_inflight_bytes
+            metrics.refused_batches.inc()
+            error = ApiError(503, "BUFFER_FULL", "Too many request bodies are being received; retry later", [("", (
+                f"at most {cfg.server.max_inflight_bytes} bytes of request bodies are received at once"))])
+            error.headers["Retry-After"] = "1"
+            raise error
 
     @app.after_request
     async def observe(response: Response) -> Response:
@@ -2752,6 +2783,111 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     return app
 
 
+def guard(app: QuartTrio, max_body_bytes: int, max_inflight_bytes: int) -> Any:
+    """The ASGI app hypercorn serves: quart-trio's app with three fixes for what a client
+    can do to it.
+    - Sends are shielded. The last send of a response runs hypercorn's end of the request
+      (close the connection, or start the idle timer that closes it after keep_alive_timeout).
+      quart-trio cancels the request's nursery as soon as the http.disconnect that this same
+      send queued is received (quart_trio/asgi.py:40), which cancels that work halfway
+      (hypercorn/trio/worker_context.py:30-33, tcp_server.py:117-119): without the shield,
+      idle keep-alive connections and those answered before their body ended stay open forever.
+    - Request bodies being received are bounded, all requests together: a body that would pass
+      max_inflight_bytes is refused (503, in the app's before_request) before quart-trio reads it. A chunked
+      body counts as max_body_bytes, the most quart reads of it before its 413.
+    - A request with both Content-Length and Transfer-Encoding is answered with
+      `Connection: close` (RFC 9112 §6.1; h11 frames it by Transfer-Encoding and keeps the
+      connection, h11/_connection.py:84-90,126-130)."""
+    inflight = 0  # bytes of request bodies admitted and not yet answered
+
+    async def asgi(scope: dict, receive: Any, send: Any) -> None:
+        nonlocal inflight
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        headers = dict(scope["headers"])  # names are lower case (h11)
+        claim, close = 0, False
+        if b"transfer-encoding" in headers:
+            claim, close = max_body_bytes, b"content-length" in headers
+        elif (length := int(headers.get(b"content-length", 0))) <= max_body_bytes:  # larger: quart's 413 unread
+            claim = length
+        if inflight + claim > max_inflight_bytes:
+            scope, claim = {**scope, BUSY: True}, 0
+
+        async def shielded_send(message: dict) -> None:
+            if close and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        inflight += claim
+        try:
+            await app(scope, receive, shielded_send)
+        finally:
+            inflight -= claim
+
+    return asgi
+
+
+class HTTP11Only(hypercorn.protocol.h11.H11Protocol):
+    """hypercorn switches a cleartext connection to HTTP/2 on `Upgrade: h2c` or on the
+    HTTP/2 preface (hypercorn/protocol/h11.py:296-323), with no setting to turn it off; the
+    daemon speaks HTTP/1.1 only, so both stay HTTP/1.1 requests."""
+
+    async def _check_protocol(self, event: Any) -> None:
+        pass
+
+
+class GuardedTCPServer(hypercorn.trio.tcp_server.TCPServer):
+    """hypercorn has no cap on connections (`backlog` is only the kernel's accept queue): a
+    connection accepted while `config.persistd_connections` (a CapacityLimiter) has no token
+    left is closed at once, so that descriptors never run out. A connection's slot is freed as
+    soon as its client has gone. A send to a client that does not read is bounded: hypercorn
+    shields it without a deadline (tcp_server.py:84-90), so that it outlives even shutdown."""
+
+    async def run(self) -> None:
+        limiter = getattr(self.config, "persistd_connections", None)
+        if limiter is None:
+            return await super().run()
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self.stream.aclose()
+            return
+        try:
+            await super().run()
+        finally:
+            limiter.release()
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client has gone (or sent nothing for read_timeout): end the idle timer now, which
+        # would otherwise keep this connection's slot and socket until keep_alive_timeout.
+        await self.idle_task.stop()
+
+    async def protocol_send(self, event: hypercorn.events.Event) -> None:
+        if not isinstance(event, hypercorn.events.RawData):
+            return await super().protocol_send(event)
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True), trio.fail_after(WRITE_TIMEOUT_S):
+                    await self.stream.send_all(event.data)
+            except trio.TooSlowError:
+                await self.stream.aclose()
+                await self.protocol.handle(hypercorn.events.Closed())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(hypercorn.events.Closed())
+
+
+# hypercorn builds these by name from its module globals: the daemon's versions are used instead
+hypercorn.protocol.H11Protocol = HTTP11Only
+hypercorn.trio.run.TCPServer = GuardedTCPServer
+
+
+def connection_cap(max_connections: int) -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max_connections if soft == resource.RLIM_INFINITY else max(1, min(max_connections, soft - FD_RESERVE))
+
+
 # ── actors ───────────────────────────────────────────────────────────────────────────
 
 
@@ -2765,9 +2901,13 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Databas
     config.graceful_timeout = cfg.server.graceful_timeout
     if cfg.server.certfile:
         config.certfile, config.keyfile = cfg.server.certfile, cfg.server.keyfile
+    config.alpn_protocols = ["http/1.1"]  # no HTTP/2 over TLS either (hypercorn offers h2 by default)
+    config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT_S
+    config.read_timeout = READ_TIMEOUT_S
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    app = create_app(cfg, to_buffer, db, metrics, auth)
+    config.persistd_connections = trio.CapacityLimiter(connection_cap(cfg.server.max_connections))
+    app = guard(create_app(cfg, to_buffer, db, metrics, auth), cfg.server.max_body_bytes, cfg.server.max_inflight_bytes)
     async with to_buffer:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(functools.partial(
