@@ -337,8 +337,11 @@ def parse_database_url(url: str) -> dict[str, Any]:
 # refused when it is flushed. Ids may not contain whitespace: MySQL compares keys with
 # PAD SPACE, so "a" and "a " would be one row there and two here.
 
-Id36 = Annotated[str, Meta(min_length=1, max_length=36, pattern=r"\A\S+\Z")]
-Id64 = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A\S+\Z")]
+# ... nor a "/", nor be "." or "..": an id must be one segment of a URL path, or GET and
+# DELETE could never reach the row that the batch wrote.
+ID_PATTERN = r"\A(?!\.\.?\Z)[^\s/]+\Z"
+Id36 = Annotated[str, Meta(min_length=1, max_length=36, pattern=ID_PATTERN)]
+Id64 = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 Str50 = Annotated[str, Meta(max_length=50)]
 Str64 = Annotated[str, Meta(max_length=64)]
 Str255 = Annotated[str, Meta(max_length=255)]
@@ -675,14 +678,37 @@ def decode_batch(key: str, body: bytes) -> list:
     try:
         try:
             rows = getattr(_decoder(batch_type).decode(body), key)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            raise explain_batch(key, row_type, body) from None
+        except (msgspec.DecodeError, UnicodeDecodeError):  # the slow path: whole floats, or a refusal
+            body = whole_numbers_as_integers(body, key)
+            try:
+                rows = getattr(_decoder(batch_type).decode(body), key)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                raise explain_batch(key, row_type, body) from None
     except RecursionError:  # msgspec recurses once per level, up to Python's recursion limit (~1000 levels)
         raise ApiError(400, "INVALID_JSON", "Request body is nested too deeply") from None
     errors = [err for i, row in enumerate(rows) for err in check_row(row, f"{key}[{i}]")]
     if errors:
         raise ApiError(422, "VALIDATION_ERROR", f"Invalid {key[:-1]} data", errors)
     return rows
+
+
+def whole_numbers_as_integers(body: bytes, key: str | None = None) -> bytes:
+    """The body with each number of a row's own fields (or, without `key`, of the body's
+    own fields) that is a whole float (`236.0`, `1e2`) written as an integer. JSON has one
+    number type, and a JSON Schema `integer` includes 236.0; msgspec's strict decoding
+    does not. Nested values (game_info, metadata) are left as they were sent."""
+    try:
+        doc = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return body
+    rows = doc.get(key) if key is not None and isinstance(doc, dict) else [doc]
+    changed = False
+    for row in rows if isinstance(rows, list) else ():
+        if isinstance(row, dict):
+            for name, value in row.items():
+                if type(value) is float and value.is_integer() and abs(value) < 2**63:
+                    row[name], changed = int(value), True
+    return msgspec.json.encode(doc) if changed else body
 
 
 def explain_batch(key: str, row_type: type, body: bytes) -> ApiError:
@@ -724,7 +750,7 @@ def row_errors(row_type: type, row: Any, where: str) -> list[tuple[str, str]]:
         except msgspec.ValidationError as exc:
             message = validation_error(exc)[1]
             if "matching regex" in message:
-                message = "Expected an id without whitespace"
+                message = "Expected an id without whitespace or '/', and not '.' or '..'"
             errors.append((f"{where}.{name}", message))
     if not errors:
         errors = check_row(_decoder(row_type).decode(msgspec.json.encode(row)), where)
@@ -2475,6 +2501,7 @@ def buffer_status(buf: Buffer, now: float) -> BufferStatus:
 # ── HTTP ─────────────────────────────────────────────────────────────────────────────
 
 JSON = "application/json"
+JSON_WHITESPACE = b" \t\r\n"  # RFC 8259's; bytes.strip() would also take \x0b and \x0c
 HTTP_ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
                     408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE"}
 BUSY = "persistd.busy"  # scope key: the body would pass max_inflight_bytes (see guard())
@@ -2492,7 +2519,10 @@ def validation_error(exc: msgspec.ValidationError, where: str = "") -> tuple[str
 
 def decode_body(type_: type, body: bytes) -> Any:
     try:
-        return _decoder(type_).decode(body)
+        try:
+            return _decoder(type_).decode(body)
+        except msgspec.ValidationError:
+            return _decoder(type_).decode(whole_numbers_as_integers(body))
     except msgspec.ValidationError as exc:
         raise ApiError(422, "VALIDATION_ERROR", "Invalid request body", [validation_error(exc)]) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -2631,6 +2661,10 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
             raise ApiError(503, "DATABASE_UNAVAILABLE", "The database did not answer; retry later") from None
 
     def params(type_: type) -> Any:
+        repeated = [name for name in request.args if len(request.args.getlist(name)) > 1]
+        if repeated:  # which one would count? Refused rather than guessed
+            raise ApiError(422, "VALIDATION_ERROR", "Invalid query parameters",
+                           [(name, "Given more than once") for name in repeated])
         try:
             return msgspec.convert(request.args.to_dict(), type_, strict=False)
         except msgspec.ValidationError as exc:
@@ -2724,7 +2758,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     @app.post("/api/v1/translation/sessions/cleanup")
     async def sessions_cleanup() -> Response:
         body = await request.get_data(cache=False)
-        q = decode_body(CleanupIn, body) if body.strip() else CleanupIn()
+        q = decode_body(CleanupIn, body) if body.strip(JSON_WHITESPACE) else CleanupIn()
         await write_out()  # a session's latest update may still be buffered: it is not expired
         cutoffs = cleanup_cutoffs(utc_now(), q.completed_days, q.failed_days)
         sessions, tasks = await read(cleanup, cutoffs, q.dry_run, timeout=math.inf)
@@ -2797,7 +2831,9 @@ def guard(app: QuartTrio, max_body_bytes: int, max_inflight_bytes: int) -> Any:
       body counts as max_body_bytes, the most quart reads of it before its 413.
     - A request with both Content-Length and Transfer-Encoding is answered with
       `Connection: close` (RFC 9112 §6.1; h11 frames it by Transfer-Encoding and keeps the
-      connection, h11/_connection.py:84-90,126-130)."""
+      connection, h11/_connection.py:84-90,126-130); so is one answered before its body has
+      all arrived (a 401, 413, 503 before the read): hypercorn closes that connection, and a
+      client that pools connections must not send its next request on it."""
     inflight = 0  # bytes of request bodies admitted and not yet answered
 
     async def asgi(scope: dict, receive: Any, send: Any) -> None:
@@ -2812,16 +2848,23 @@ def guard(app: QuartTrio, max_body_bytes: int, max_inflight_bytes: int) -> Any:
             claim = length
         if inflight + claim > max_inflight_bytes:
             scope, claim = {**scope, BUSY: True}, 0
+        body_done = b"transfer-encoding" not in headers and headers.get(b"content-length", b"0") == b"0"
+
+        async def watched_receive() -> dict:
+            nonlocal body_done
+            message = await receive()
+            body_done = body_done or (message["type"] == "http.request" and not message.get("more_body", False))
+            return message
 
         async def shielded_send(message: dict) -> None:
-            if close and message["type"] == "http.response.start":
+            if (close or not body_done) and message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             with trio.CancelScope(shield=True):
                 await send(message)
 
         inflight += claim
         try:
-            await app(scope, receive, shielded_send)
+            await app(scope, watched_receive, shielded_send)
         finally:
             inflight -= claim
 

@@ -377,3 +377,20 @@ async def test_a_body_just_over_the_limit_is_413_and_one_at_it_is_read(db, tmp_p
             print(f"{'chunked' if chunked else 'sized'} body of {size} bytes: {status}")
             assert status == expected, payload
             assert json.loads(payload)["error_code"] == ("PAYLOAD_TOO_LARGE" if expected == 413 else "INVALID_JSON")
+
+
+async def test_an_answer_before_the_body_has_arrived_says_connection_close(db, tmp_path):
+    """A 401 (here) or a 503 that leaves before the body has all arrived ends the
+    connection, and says so: a client that pools connections must not reuse it."""
+    (tmp_path / "keys").write_text("backend write sha256:" + "0" * 64 + "\n")
+    async with persistd_process(tmp_path, auth={"keys_file": str(tmp_path / "keys")}) as process:
+        c = await Raw.open(process)
+        await c.send(request("POST", TASKS, Content_Length=str(2_500_000)) + b"x" * 65536)
+        status, headers, _ = await c.response()
+        closed = await c.closed_within(5)
+        print(f"401 before the body ended: Connection: {headers.get('connection')}, closed after {closed} s")
+        assert status == 401 and headers.get("connection") == "close" and closed is not None
+        c = await Raw.open(process)
+        await c.send(request("GET", "/health"))
+        status, headers, _ = await c.response()
+        assert status == 200 and headers.get("connection") != "close"  # a whole request keeps its connection

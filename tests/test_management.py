@@ -335,6 +335,7 @@ async def test_cleanup_spares_a_session_whose_latest_update_is_still_in_the_buff
     (b'[]', 422, "VALIDATION_ERROR", ""),
     (b'{"dry_run": true', 400, "INVALID_JSON", None),
     (b'dry_run=true', 400, "INVALID_JSON", None),
+    (b'\x0b', 400, "INVALID_JSON", None),  # not JSON whitespace: not an empty body either
 ])
 async def test_a_bad_cleanup_body_is_refused_and_deletes_nothing(daemon, db, content, status, code, field):
     """Negative or non-integer days, unknown fields and wrong types are 422; malformed

@@ -429,6 +429,7 @@ BAD_PARAMS = [
     (f"{SESSIONS}/{SESSION_ID}/tasks", {"page_size": "101"}, "page_size"),
     (f"{SESSIONS}/{SESSION_ID}/tasks", {"status": "done"}, "status"),
     (f"{SESSIONS}/{SESSION_ID}/tasks", {"from_date": "2025-09-30T00:00:00Z"}, "from_date"),
+    (TASKS, [("status", "failed"), ("status", "processing")], "status"),  # which would count?
 ]
 
 

@@ -272,6 +272,34 @@ async def test_the_same_batch_twice_stores_the_same_rows(daemon, db):
     assert again == first and len(first) == 100
 
 
+@pytest.mark.parametrize("bad_id", ["proj/42", ".", "..", "a b", "/"])
+async def test_ids_that_a_url_path_cannot_hold_are_422(daemon, bad_id):
+    """An id must be one segment of a URL path: GET, DELETE and restore could never reach
+    a row whose id holds a '/' or is '.' or '..'."""
+    for path, body, field in ((SESSIONS_URL, {"sessions": [session(bad_id)]}, "sessions[0].session_id"),
+                              (TASKS_URL, {"tasks": [task(bad_id)]}, "tasks[0].task_id")):
+        r = await daemon.post(path, body)
+        assert r.status_code == 422, r.text
+        assert [e["field"] for e in r.json()["errors"]] == [field]
+
+
+async def test_whole_numbers_written_as_floats_are_integers(daemon, db):
+    """JSON has one number type: 10.0 and 1e3 are the integers a JSON Schema `integer`
+    allows. 10.5 is not. The objects game_info and metadata keep what was sent."""
+    s = session(total_tasks=100.0, completed_tasks=1e1, game_info={"ratio": 2.5})
+    assert (await daemon.post(SESSIONS_URL, {"sessions": [s]})).status_code == 202
+    t = task(row_index=10.0, retry_count=0.0, duration_ms=1e3, confidence=1.0)
+    assert (await daemon.post(TASKS_URL, {"tasks": [t]})).status_code == 202
+    r = await daemon.post(TASKS_URL, {"tasks": [task("t2", row_index=10.5)]})
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["tasks[0].row_index"]
+    await daemon.flush()
+    assert await db.query("SELECT total_tasks, completed_tasks FROM translation_sessions") == ((100, 10),)
+    assert await db.query("SELECT row_index, retry_count, duration_ms FROM translation_tasks") == ((10, 0, 1000),)
+    cleanup = await daemon.client.post("/api/v1/translation/sessions/cleanup",
+                                       content=b'{"completed_days": 90.0, "dry_run": true}')
+    assert cleanup.status_code == 200, cleanup.text
+
+
 async def test_ids_that_differ_only_in_case_are_different_rows(daemon, db):
     await daemon.post(SESSIONS_URL, {"sessions": [session()]})
     await daemon.post(TASKS_URL, {"tasks": [task("Task_A", status="completed"), task("task_a")]})
