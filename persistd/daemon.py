@@ -14,6 +14,10 @@ its state as local variables and talks only through the channel ends it was hand
 
 - http: validates every batch with msgspec at the door and answers 202 once the buffer
   has taken it and the journal has it on disk; nothing MySQL could refuse is accepted.
+  Checks credentials and scopes (Auth, off by default) before a body is read. The app is
+  served HTTP/1.1 only, wrapped by guard() (bodies in flight bounded, sends shielded so
+  that hypercorn's idle close happens, connections capped), and describes itself at
+  /openapi.json and /docs, built at start from the same Structs.
 - buffer: coalesces rows by primary key (last accepted write wins), holds tasks whose
   session has not arrived yet, decides when to flush and when to retry, and is the only
   place that knows which rows are not yet in the database, so it tells the journal which
@@ -56,6 +60,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import importlib.metadata
 import importlib.resources
 import ipaddress
 import itertools
@@ -84,10 +89,10 @@ import hypercorn.config
 import hypercorn.events
 import hypercorn.protocol
 import hypercorn.protocol.h11
-import jwt
 import hypercorn.trio
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
+import jwt
 import msgspec
 import prometheus_client
 import trio
@@ -2539,6 +2544,648 @@ def endpoint_label(rule: str) -> str:
     return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
 
 
+# ── OpenAPI: the API described, from the types that validate and shape it ─────────────
+# Built at start: the components come from msgspec.json.schema_components() over the same
+# Structs the door decodes with and the answers are encoded from; what a type cannot say
+# (which route answers what, the limits checked after decoding, patterns in the dialect of
+# JSON Schema) is derived here from the same constants. The build refuses a route without
+# an operation, and an operation without a route. Served at /openapi.json, and read by
+# Swagger UI at /docs from assets that ship in a package (flask-swagger-ui): no CDN.
+
+OPENAPI_VERSION = "3.1.0"
+REF = "#/components/schemas/{name}"
+
+
+class RestoredTask(Struct):  # §5.2 "tasks" items: what RESTORED_TASK_JSON has the database write
+    task_id: str
+    batch_id: str
+    sheet_name: str
+    row_index: int
+    column_name: str
+    source_text: str
+    status: Literal["pending", "processing"]  # unfinished_tasks() selects only these
+    created_at: datetime
+
+
+# ── what each route answers ──────────────────────────────────────────────────────────
+# Error responses by name: (status, error codes, description). The codes are the API's.
+
+
+class Err(NamedTuple):
+    status: int
+    codes: tuple[str, ...]
+    description: str
+    id_field: str | None = None  # 404: the body also carries the id asked for
+    retry_after: bool = False
+
+
+ERRORS = {
+    "InvalidJson": Err(400, ("INVALID_JSON",), "The body is not JSON."),
+    "PayloadTooLarge": Err(413, (HTTP_ERROR_CODES[413],), "The body is larger than `[server] max_body_bytes`."),
+    # Quart's BODY_TIMEOUT (60 s) for a body that arrives too slowly.
+    "BodyTimeout": Err(408, (HTTP_ERROR_CODES.get(408, "HTTP_ERROR"),), "The body did not arrive within 60 s."),
+    "InvalidBatch": Err(422, ("VALIDATION_ERROR", "BATCH_TOO_LARGE"), (
+        "The batch is refused whole: every offending row and field is listed in `errors`"
+        " (`tasks[3].confidence`). More than 1000 rows is `BATCH_TOO_LARGE`.")),
+    "InvalidBody": Err(422, ("VALIDATION_ERROR",), "The body does not match the schema."),
+    "InvalidQuery": Err(422, ("VALIDATION_ERROR",), (
+        "A query parameter is unknown or out of its range (page >= 1, page_size 1..100,"
+        " an unknown status/sort_by/order, a date that is not an RFC 3339 date-time).")),
+    "SessionNotFound": Err(404, (HTTP_ERROR_CODES[404],), "No such session, stored or buffered.", id_field="session_id"),
+    "TaskNotFound": Err(404, (HTTP_ERROR_CODES[404],), "No such task, stored or buffered.", id_field="task_id"),
+    "BufferFull": Err(503, ("BUFFER_FULL",), (
+        "Backpressure: the buffer or the journal is over a limit; nothing of the batch was kept."
+        " Send it again after `Retry-After` seconds."), retry_after=True),
+    "DatabaseUnavailable": Err(503, ("DATABASE_UNAVAILABLE",), (
+        "The database did not answer within `[database] read_timeout`; retry later.")),
+    "WriteOutFailed": Err(503, ("FLUSH_TIMEOUT", "DATABASE_UNAVAILABLE"), (
+        "`FLUSH_TIMEOUT`: the buffer could not be written out within `[buffer] flush_timeout`"
+        " (rows are kept and retried); `DATABASE_UNAVAILABLE`: the read that follows timed out.")),
+    # Only when authentication is on (the before_request of create_app answers them).
+    "Unauthorized": Err(401, ("UNAUTHORIZED",), "No credential, or one that is not valid (unknown key, bad or expired token)."),
+    "Forbidden": Err(403, ("FORBIDDEN",), "The credential is valid but lacks the scope this operation needs."),
+}
+AUTH_ERRORS = ("Unauthorized", "Forbidden")
+METHOD_NOT_ALLOWED = Err(405, (HTTP_ERROR_CODES[405],), "The path exists, the method does not; `Allow` lists the methods.")
+
+
+class Op(NamedTuple):
+    tag: str
+    summary: str
+    ok: int
+    answer: type | None  # None: text/plain (metrics)
+    errors: tuple[str, ...] = ()
+    body: type | None = None
+    body_required: bool = True
+    query: type | None = None
+    description: str = ""
+
+
+BATCH_ERRORS = ("InvalidJson", "BodyTimeout", "PayloadTooLarge", "InvalidBatch", "BufferFull")
+BATCH_NOTE = (
+    "Answers 202 once every row passed validation and the batch is in the journal; the rows reach"
+    " MySQL within `[buffer] flush_interval`. Rows are upserts by primary key; the last accepted write"
+    " wins. An optional field that is absent keeps its stored value, `null` clears it. Unknown fields"
+    " are refused. Integers must be written without a fraction or exponent (`1`, not `1.0`).")
+OPERATIONS: dict[str, Op] = {  # keyed by the route's endpoint name, which is also the operationId
+    "sessions_batch": Op("Batch writes", "Write a batch of sessions (spec §3.1)", 202, Accepted,
+                         BATCH_ERRORS, body=SessionBatch, description=BATCH_NOTE),
+    "tasks_batch": Op("Batch writes", "Write a batch of tasks (spec §3.2)", 202, Accepted,
+                      BATCH_ERRORS, body=TaskBatch, description=BATCH_NOTE + (
+                          " A task whose session has not arrived yet is accepted and held until it does"
+                          " (at most `[buffer] orphan_ttl`, then the dead-letter file).")),
+    "flush": Op("Batch writes", "Write out everything accepted (spec §3.3)", 200, FlushAnswer,
+                description="Returns once every row accepted before the call is in the database, or after"
+                            " `[buffer] flush_timeout` with 503 and `status: error` (rows are kept)."),
+    "sessions_list": Op("Queries", "List sessions (spec §4.1)", 200, SessionPage,
+                        ("InvalidQuery", "DatabaseUnavailable"), query=SessionQuery,
+                        description="Reads the database (not the buffer). Ties are broken by session_id."),
+    "session_detail": Op("Queries", "One session (spec §4.2)", 200, SessionDetail,
+                         ("SessionNotFound", "DatabaseUnavailable"),
+                         description="The latest accepted state: buffered state laid over the stored row."),
+    "session_tasks": Op("Queries", "A session's tasks, in sheet order (spec §4.3)", 200, SessionTaskPage,
+                        ("SessionNotFound", "InvalidQuery", "DatabaseUnavailable"), query=SessionTaskQuery,
+                        description="Ordered by sheet_name, row_index, column_name, task_id."),
+    "task_detail": Op("Queries", "One task (spec §4.4)", 200, TaskDetail,
+                      ("TaskNotFound", "DatabaseUnavailable"),
+                      description="The latest accepted state: buffered state laid over the stored row."),
+    "tasks_list": Op("Queries", "List tasks across sessions (spec §4.5)", 200, TaskPage,
+                     ("InvalidQuery", "DatabaseUnavailable"), query=TaskQuery,
+                     description="Newest first (created_at DESC, task_id DESC); reads the database."),
+    "recovery_incomplete": Op("Recovery", "Sessions still pending or processing (spec §5.1)", 200,
+                              IncompleteSessions, ("WriteOutFailed",),
+                              description="Writes the buffer out first, so no accepted row is missed."),
+    "recovery_restore": Op("Recovery", "A session and its unfinished tasks (spec §5.2)", 200, Restored,
+                           ("SessionNotFound", "WriteOutFailed"),
+                           description="Writes the buffer out first. `tasks` holds the pending and processing"
+                                       " tasks in sheet order."),
+    "session_delete": Op("Management", "Delete a session and its tasks (spec §6.1)", 200, DeletedSession,
+                         ("SessionNotFound", "WriteOutFailed"),
+                         description="Also drops the session's buffered and held rows."),
+    "sessions_cleanup": Op("Management", "Delete expired sessions (spec §6.2)", 200, CleanupOut,
+                           ("InvalidJson", "BodyTimeout", "PayloadTooLarge", "InvalidBody", "WriteOutFailed"),
+                           body=CleanupIn, body_required=False,
+                           description="Ages sessions by updated_at: completed ones older than completed_days,"
+                                       " failed and cancelled ones older than failed_days. An empty body uses the"
+                                       " defaults. `dry_run` counts without deleting."),
+    "stats": Op("Management", "Statistics (spec §6.3)", 200, Stats, ("DatabaseUnavailable",),
+                description="From the database, reused for up to 5 s. `storage` row counts are InnoDB estimates."),
+    "health": Op("System", "Health (spec §7.1)", 200, Health,
+                 description="200 healthy; 503 (same body, `status: degraded`) while the database does not"
+                             " answer a ping or flushes fail."),
+    "system_metrics": Op("System", "Prometheus metrics (spec §7.2)", 200, None,
+                         description="Prometheus text exposition format 0.0.4."),
+}
+# Request examples (spec §3.1, §3.2, §6.2). Checked at build time by the daemon's own door,
+# so an example can never be one the daemon refuses.
+SPEC_SESSION = "550e8400-e29b-41d4-a716-446655440000"
+EXAMPLES: dict[type, dict] = {
+    SessionBatch: {"sessions": [{
+        "session_id": SPEC_SESSION, "filename": "game_translation.xlsx", "file_path": "/uploads/game_translation.xlsx",
+        "status": "processing", "game_info": {"game_name": "Fantasy RPG", "source_language": "en",
+                                              "target_language": "zh", "game_type": "RPG"},
+        "llm_provider": "openai", "metadata": {"user_id": "user_123", "project_id": "proj_456"},
+        "total_tasks": 1000, "completed_tasks": 0, "failed_tasks": 0, "processing_tasks": 0}]},
+    TaskBatch: {"tasks": [{
+        "task_id": "task_001", "session_id": SPEC_SESSION, "batch_id": "batch_001", "sheet_name": "Dialogue",
+        "row_index": 10, "column_name": "Text", "source_text": "Hello, adventurer!", "target_text": "你好，冒险者！",
+        "context": "NPC greeting dialogue", "status": "completed", "confidence": 0.95, "error_message": None,
+        "retry_count": 0, "start_time": "2025-09-30T10:10:00Z", "end_time": "2025-09-30T10:10:05Z",
+        "duration_ms": 5000}]},
+    CleanupIn: {"completed_days": 90, "failed_days": 30, "dry_run": True},
+}
+
+
+def _checked_example(type_: type) -> dict:
+    value = EXAMPLES[type_]
+    body = msgspec.json.encode(value)
+    key = next((k for k, (batch, _) in BATCHES.items() if batch is type_), None)
+    decode_batch(key, body) if key else decode_body(type_, body)  # raises ApiError if refused
+    return {"spec": {"summary": "The example of the spec", "value": value}}
+
+
+NOT_IN_DOCUMENT = frozenset({"openapi_json", "docs", "docs_asset"})  # the description describes the API
+TAGS = {
+    "Batch writes": "Sessions and tasks in batches of up to 1000 rows, acknowledged at once, written behind.",
+    "Queries": "Sessions and tasks as accepted.",
+    "Recovery": "What a restarted translation backend needs to resume.",
+    "Management": "Deletion, retention and statistics.",
+    "System": "Health and metrics.",
+}
+SECURITY_SCHEMES = {
+    "apiKey": {"type": "http", "scheme": "bearer", "bearerFormat": "persistd API key",
+               "description": "`Authorization: Bearer <API key>`; keys are issued with scopes read, write, admin."},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                     "description": "The same API key in the `X-API-Key` header."},
+    "jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+            "description": "A token of the configured issuer and audience; its scope claim grants read, write, admin."},
+}
+
+
+# ── regular expressions in the dialect of JSON Schema (ECMA-262) ─────────────────────
+
+
+@functools.cache
+def python_whitespace() -> str:
+    """Python's `\\s` for str as an explicit ECMA-262 class body (it has no member above U+FFFF)."""
+    points = [c for c in range(0x10000) if re.match(r"\s", chr(c))]
+    ranges: list[list[int]] = []
+    for c in points:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges)
+
+
+def ecma_pattern(python: str) -> str:
+    """msgspec's Meta(pattern=) is Python `re.search` syntax; JSON Schema's is ECMA-262.
+    The daemon's patterns use \\A, \\Z, \\s, \\S, escaped literals, classes and
+    lookaheads; anything else must be looked at, not guessed."""
+    ws = python_whitespace()
+    out, i, in_class = [], 0, False
+    while i < len(python):
+        c = python[i]
+        if c == "\\":
+            escaped = python[i + 1]
+            if escaped == "s":
+                out.append(ws if in_class else f"[{ws}]")
+            elif escaped in "SAZ" and not in_class:
+                out.append({"S": f"[^{ws}]", "A": "^", "Z": "$"}[escaped])
+            elif escaped in ".\\/-[]()":
+                out.append("\\" + escaped)
+            else:
+                raise ValueError(f"no ECMA-262 translation for \\{escaped} in {python!r}")
+            i += 2
+            continue
+        if c == "$":  # Python's also matches before a final newline
+            raise ValueError(f"no ECMA-262 translation for {c!r} in {python!r}")
+        in_class = (in_class or c == "[") and c != "]"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def digits_range(lo: int, hi: int, width: int) -> str:
+    """A regex for the zero-padded numbers lo..hi of `width` digits."""
+    def klass(a: int, b: int) -> str:
+        return str(a) if a == b else f"[{a}-{b}]"
+
+    def rec(a: str, b: str) -> str:
+        n = len(a)
+        if n == 0:
+            return ""
+        if a[0] == b[0]:
+            return a[0] + group(rec(a[1:], b[1:]))
+        low_full, high_full = a[1:] == "0" * (n - 1), b[1:] == "9" * (n - 1)
+        first, last = int(a[0]) + (not low_full), int(b[0]) - (not high_full)
+        parts = [] if low_full else [a[0] + group(rec(a[1:], "9" * (n - 1)))]
+        if first <= last:
+            parts.append(klass(first, last) + ("" if n == 1 else "[0-9]" if n == 2 else f"[0-9]{{{n - 1}}}"))
+        parts += [] if high_full else [b[0] + group(rec("0" * (n - 1), b[1:]))]
+        return "|".join(parts)
+
+    def group(r: str) -> str:
+        return f"(?:{r})" if "|" in r else r
+
+    return group(rec(f"{lo:0{width}}", f"{hi:0{width}}"))
+
+
+def is_leap(y: int) -> bool:
+    return y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+
+
+@functools.cache
+def datetime_pattern(first_year: int = 1, last_year: int = 9999) -> str:
+    """Exactly the strings msgspec decodes as a datetime, for the years first..last:
+    RFC 3339 date-times with `T`, `t` or a space, any fraction, `Z`, `z`, ±HH:MM, ±HHMM or
+    no offset (the daemon reads that as UTC); real calendar dates; no leap second."""
+    year = digits_range(first_year, last_year, 4)
+    if (first_year, last_year) == (1, 9999):
+        leap = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+    else:
+        leap = "(?:" + "|".join(f"{y:04}" for y in range(first_year, last_year + 1) if is_leap(y)) + ")"
+    date = (f"(?:{year}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+            f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{leap}-02-29)")
+    time = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?"
+    offset = "(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):?[0-5][0-9])?"
+    return f"^{date}[Tt ]{time}{offset}$"
+
+
+# ── schema refinements derived from the types ────────────────────────────────────────
+
+TEXT_SAFE_CHARS = TEXT_MAX_BYTES // 4  # a code point is at most 4 bytes of UTF-8
+FIELD_NOTE_OPTIONAL = "Optional: absent keeps the stored value, `null` clears it."
+
+
+def _union_members(t: msgspec.inspect.Type) -> list[msgspec.inspect.Type]:
+    return list(t.types) if isinstance(t, msgspec.inspect.UnionType) else [t]
+
+
+def _non_null(schema: dict) -> dict:
+    """The schema of a field without its null branch (a query parameter cannot be null)."""
+    if "anyOf" in schema:
+        rest = [s for s in schema["anyOf"] if s != {"type": "null"}]
+        out = {k: v for k, v in schema.items() if k != "anyOf"}
+        return {**rest[0], **out} if len(rest) == 1 else {**out, "anyOf": rest}
+    return schema
+
+
+def _patch_string(schema: dict, patch: dict) -> None:
+    """Apply `patch` to the string branch of a (possibly nullable) field schema."""
+    for s in schema.get("anyOf", [schema]):
+        if s.get("type") == "string":
+            s.update(patch)
+
+
+def _refine_struct(info: msgspec.inspect.StructType, schema: dict, incoming: bool) -> None:
+    props = schema.get("properties", {})
+    defaults = {f.name: f.default for f in msgspec.structs.fields(info.cls)}  # inspect hides UNSET
+    for field in info.fields:
+        prop = props[field.encode_name]
+        members = _union_members(field.type)
+        kinds = {type(m) for m in members}
+        if msgspec.inspect.DateTimeType in kinds:
+            if not incoming:
+                _patch_string(prop, {"format": "date-time"})
+            elif info.cls is TaskIn and field.name in TIME_FIELDS:
+                lo, hi = TIMESTAMP_MIN, TIMESTAMP_MAX
+                _patch_string(prop, {"pattern": datetime_pattern(lo.year + 1, hi.year - 1)})
+                prop["description"] = (
+                    f"A time from {lo:%Y-%m-%dT%H:%M:%SZ} to {hi:%Y-%m-%dT%H:%M:%SZ} (MySQL TIMESTAMP); without an"
+                    f" offset it is UTC; fractions of a second are dropped. The pattern admits the years"
+                    f" {lo.year + 1}..{hi.year - 1}, inside that range whatever the offset.")
+            else:
+                _patch_string(prop, {"pattern": datetime_pattern()})
+                prop["description"] = "An RFC 3339 date-time; without an offset it is UTC."
+        for m in members:
+            if isinstance(m, msgspec.inspect.StrType) and m.pattern is not None:
+                _patch_string(prop, {"pattern": ecma_pattern(m.pattern)})
+                prop.setdefault("description", "No whitespace. Compared case-sensitively.")
+        if incoming and info.cls is TaskIn and field.name in TEXT_FIELDS:
+            _patch_string(prop, {"maxLength": TEXT_SAFE_CHARS, "x-persistd-max-utf8-bytes": TEXT_MAX_BYTES})
+            prop["description"] = (f"At most {TEXT_MAX_BYTES:,} bytes in UTF-8 (a TEXT column). maxLength is the"
+                                   f" {TEXT_SAFE_CHARS:,} characters that always fit; longer text is accepted while"
+                                   f" its UTF-8 form fits.")
+        if incoming and msgspec.inspect.DictType in kinds:
+            for s in prop.get("anyOf", [prop]):
+                if s.get("type") == "object":
+                    s.update({"x-persistd-max-depth": JSON_MAX_DEPTH, "x-persistd-max-json-bytes": JSON_MAX_BYTES})
+            prop["description"] = (f"Any JSON object of at most {JSON_MAX_DEPTH} levels and {JSON_MAX_BYTES:,}"
+                                   f" bytes as JSON (checked at the door; not expressible in JSON Schema).")
+        if isinstance(field.type, msgspec.inspect.RawType) and info.cls is Restored:
+            props[field.encode_name] = {"type": "array", "items": {"$ref": REF.format(name="RestoredTask")}}
+        if incoming and defaults[field.name] is msgspec.UNSET and msgspec.inspect.NoneType in kinds:
+            prop["description"] = f"{prop.get('description', '')} {FIELD_NOTE_OPTIONAL}".strip()
+
+
+def _refine(components: dict, request_types: list[type], response_types: list[type]) -> None:
+    roles: dict[type, bool] = {}
+    for incoming, roots in ((True, request_types), (False, response_types)):
+        for info in _structs(roots):
+            if roles.setdefault(info.cls, incoming) != incoming:
+                raise ValueError(f"{info.cls.__name__} is both a request and a response type")
+            _refine_struct(info, components[info.cls.__name__], incoming)
+    # Stats' two dicts always hold the total and every status (stats_from).
+    for key, statuses in (("sessions", SessionStatus), ("tasks", TaskStatus)):
+        names = ["total", *typing.get_args(statuses)]
+        components["Stats"]["properties"][key].update(
+            {"properties": {n: {"type": "integer", "minimum": 0} for n in names}, "required": names})
+
+
+def _structs(roots: list[type]) -> list[msgspec.inspect.StructType]:
+    seen: dict[type, msgspec.inspect.StructType] = {}
+
+    def walk(t: msgspec.inspect.Type) -> None:
+        if isinstance(t, msgspec.inspect.StructType):
+            if t.cls in seen:
+                return
+            seen[t.cls] = t
+            for f in t.fields:
+                walk(f.type)
+        for attr in ("types", "item_type", "value_type", "key_type"):
+            inner = getattr(t, attr, None)
+            for x in (inner if isinstance(inner, tuple) else (inner,) if inner is not None else ()):
+                walk(x)
+
+    for t in msgspec.inspect.multi_type_info(roots):
+        walk(t)
+    return list(seen.values())
+
+
+def _typed_enums(node: Any) -> None:
+    """msgspec writes a str Literal as a bare enum; say "string" too, for the tools that look."""
+    if isinstance(node, dict):
+        if "enum" in node and "type" not in node and all(isinstance(v, str) for v in node["enum"]):
+            node["type"] = "string"
+        for v in node.values():
+            _typed_enums(v)
+    elif isinstance(node, list):
+        for v in node:
+            _typed_enums(v)
+
+
+def _check_restored_task() -> None:
+    keys = re.findall(r"'(\w+)', ", RESTORED_TASK_JSON)
+    fields = [f.name for f in msgspec.structs.fields(RestoredTask)]
+    if keys != fields:
+        raise ValueError(f"RestoredTask {fields} differs from RESTORED_TASK_JSON {keys}")
+
+
+# ── the document ─────────────────────────────────────────────────────────────────────
+
+
+def _error_response(err: Err) -> dict:
+    refine: dict[str, Any] = {"type": "object", "properties": {"error_code": {"enum": list(err.codes)}}}
+    if err.id_field:  # not required: the router's own 404 (an id with `/`, see _path_parameter) has none
+        refine["properties"][err.id_field] = {"type": "string", "description": (
+            "The id asked for; absent when the path matched no route (an id containing `/`).")}
+    response: dict[str, Any] = {"description": f"`{'`, `'.join(err.codes)}`: {err.description}", "content": {
+        JSON: {"schema": {"allOf": [{"$ref": REF.format(name="ErrorBody")}, refine]}}}}
+    if err.retry_after:
+        response["headers"] = {"Retry-After": {"required": True, "description": "Seconds to wait before sending again.",
+                                               "schema": {"type": "integer", "minimum": 1}}}
+    if err.status in (401, 403):
+        response["headers"] = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}, "description": (
+            "`Bearer realm=\"persistd\"`, with `error=\"invalid_token\"` or `error=\"insufficient_scope\"` and the"
+            " `scope` needed (RFC 6750).")}}
+    if err.status == 405:
+        response["headers"] = {"Allow": {"required": True, "schema": {"type": "string"}}}
+    return response
+
+
+def _parameters(query: type) -> list[dict]:
+    _, components = msgspec.json.schema_components([query], ref_template=REF)
+    schema = components[query.__name__]
+    info = msgspec.inspect.type_info(query)
+    _refine_struct(info, schema, incoming=True)
+    params = []
+    for name, prop in schema["properties"].items():
+        prop = _non_null(prop)
+        if prop.get("default", ...) is None:  # None is "no filter": the parameter is absent
+            del prop["default"]
+        description = prop.pop("description", None)
+        param = {"name": name, "in": "query", "required": False, "schema": prop}
+        if description:
+            param["description"] = description
+        params.append(param)
+    return params
+
+
+def _path_parameter(rule: Any, name: str) -> dict:
+    """werkzeug's default converter takes one path segment (its regex is `[^/]{1,}`); the server
+    sees the segment percent-decoded, so an id with `/` (even as %2F) cannot be addressed, and
+    clients drop the dot segments `.` and `..` before sending."""
+    if rule._converters[name].regex not in ("[^/]{1,}", "[^/]+"):
+        raise ValueError(f"{rule.rule}: no path parameter schema for converter {rule._converters[name]!r}")
+    what = "session" if name == "session_id" else "task"
+    return {"name": name, "in": "path", "required": True, "description": (
+                f"The {what}'s id, exactly as written. An id containing `/`, or the id `.` or `..`, cannot be"
+                f" addressed here (the batch endpoints accept them)."),
+            "schema": {"type": "string", "minLength": 1, "pattern": "^(?!\\.\\.?$)[^/]+$"}}
+
+
+def openapi_document(url_map: Any, *, security: bool, metrics_scope: str | None = None) -> dict:
+    """The OpenAPI 3.1 document of the app whose werkzeug routing Map is `url_map`
+    (app.url_map, once every route is registered).
+
+    security: whether authentication is on (401/403 and the security schemes appear);
+    metrics_scope: None when /api/v1/system/metrics is open, else the scope it needs."""
+    _check_restored_task()
+    rules = [r for r in url_map.iter_rules() if r.endpoint not in NOT_IN_DOCUMENT]
+    documented, routed = set(OPERATIONS), {r.endpoint for r in rules}
+    if documented != routed:
+        raise ValueError(f"routes without an operation: {sorted(routed - documented)};"
+                         f" operations without a route: {sorted(documented - routed)}")
+    request_types = [op.body for op in OPERATIONS.values() if op.body is not None]
+    response_types = [op.answer for op in OPERATIONS.values() if op.answer is not None]
+    response_types += [ErrorBody, RestoredTask]
+    _, components = msgspec.json.schema_components(request_types + response_types, ref_template=REF)
+    _refine(components, request_types, response_types)
+
+    paths: dict[str, dict] = {}
+    order = list(OPERATIONS)
+    for rule in sorted(rules, key=lambda r: order.index(r.endpoint)):  # the spec's order
+        op = OPERATIONS[rule.endpoint]
+        methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
+        (method,) = methods
+        path = endpoint_label(rule.rule)
+        item = paths.setdefault(path, {})
+        scope = metrics_scope if rule.endpoint == "system_metrics" else ROUTE_SCOPES.get(rule.endpoint)
+        operation: dict[str, Any] = {"operationId": rule.endpoint, "tags": [op.tag], "summary": op.summary}
+        if op.description:
+            operation["description"] = op.description
+        params = [_path_parameter(rule, name) for name in sorted(rule.arguments)]
+        if op.query is not None:
+            params += _parameters(op.query)
+        if params:
+            operation["parameters"] = params
+        if op.body is not None:
+            media = {"schema": {"$ref": REF.format(name=op.body.__name__)}}
+            if op.body in EXAMPLES:
+                media["examples"] = _checked_example(op.body)
+            operation["requestBody"] = {"required": op.body_required, "content": {JSON: media}}
+        responses: dict[str, Any] = {}
+        if op.answer is None:
+            responses[str(op.ok)] = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        elif op.answer is FlushAnswer:
+            responses["200"] = _variant("FlushAnswer", "Everything accepted before the call is written.",
+                                        {"status": {"const": "flushed"}})
+            responses["503"] = _variant("FlushAnswer", "`FLUSH_TIMEOUT`: not everything was written within"
+                                        " `[buffer] flush_timeout`; the rows are kept and retried.",
+                                        {"status": {"const": "error"}, "error_code": {"const": "FLUSH_TIMEOUT"}},
+                                        ["detail", "error_code", "errors"])
+        elif op.answer is Health:
+            responses["200"] = _variant("Health", "Healthy.", {"status": {"const": "healthy"}})
+            responses["503"] = _variant("Health", "Degraded: the database does not answer, or flushes fail.",
+                                        {"status": {"const": "degraded"}})
+        else:
+            responses[str(op.ok)] = {"description": "Accepted." if op.ok == 202 else "OK", "content": {
+                JSON: {"schema": {"$ref": REF.format(name=op.answer.__name__)}}}}
+        errors = list(op.errors) + (list(AUTH_ERRORS) if security and scope is not None else [])
+        for name in sorted(errors, key=lambda n: ERRORS[n].status):
+            status = str(ERRORS[name].status)
+            if status in responses:
+                raise ValueError(f"{rule.endpoint}: two responses for {status}")
+            responses[status] = {"$ref": f"#/components/responses/{name}"}
+        operation["responses"] = responses
+        if security:
+            operation["security"] = [] if scope is None else [{name: [scope]} for name in SECURITY_SCHEMES]
+        item[method.lower()] = operation
+    _describe_other_methods(url_map, paths)
+
+    document: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "info": {"title": "persistd: Translation Persistence API", "version": VERSION,
+                 "description": _info_description(security)},
+        "tags": [{"name": n, "description": t} for n, t in TAGS.items()],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "responses": {name: _error_response(err) for name, err in ERRORS.items()
+                          if security or name not in AUTH_ERRORS} | {"MethodNotAllowed": _error_response(METHOD_NOT_ALLOWED)},
+        },
+    }
+    if security:
+        document["components"]["securitySchemes"] = SECURITY_SCHEMES
+    _typed_enums(document)
+    return document
+
+
+def _describe_other_methods(url_map: Any, paths: dict[str, dict]) -> None:
+    """What the methods not documented on a path get: 405, except where the path is also an
+    id of a templated route (GET /sessions/batch is the session whose id is `batch`)."""
+    adapter = url_map.bind("localhost")
+    for path, item in paths.items():
+        concrete = re.sub(r"\{(\w+)\}", "x", path)
+        allowed = sorted(adapter.allowed_methods(concrete))
+        notes = []
+        for method in allowed:
+            if method.lower() in item or method in ("HEAD", "OPTIONS"):
+                continue
+            endpoint, args = adapter.match(concrete, method=method)
+            other = next(p for p, i in paths.items() for o in i.values() if isinstance(o, dict) and o.get("operationId") == endpoint)
+            notes.append(f"{method} here is `{method} {other}` with " + ", ".join(f"{k} = `{v}`" for k, v in args.items()))
+        text = f"Other methods: 405 `METHOD_NOT_ALLOWED` with `Allow: {', '.join(allowed)}`."
+        item["description"] = "; ".join(notes) + ". " + text if notes else text
+
+
+def _variant(name: str, description: str, properties: dict, required: list[str] | None = None) -> dict:
+    refine: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        refine["required"] = required
+    return {"description": description, "content": {JSON: {"schema": {"allOf": [{"$ref": REF.format(name=name)}, refine]}}}}
+
+
+def _info_description(security: bool) -> str:
+    codes = sorted({c for e in (*ERRORS.values(), METHOD_NOT_ALLOWED) for c in e.codes
+                    if security or e.status not in (401, 403)})
+    text = (
+        "persistd accepts translation progress (sessions and their tasks) in batches, answers at once,"
+        " and writes it to MySQL behind. Times in answers are UTC with `Z`; times without an offset in"
+        " requests are UTC.\n\n"
+        "Every refusal has the body `{\"detail\": str, \"error_code\": str, \"errors\": [{\"field\": str,"
+        " \"message\": str}]}` (`errors` may be empty; a 404 also carries the id asked for). Codes: "
+        + ", ".join(f"`{c}`" for c in codes) + ".\n\n"
+        "Unknown query parameters and unknown body fields are refused with 422.")
+    if security:
+        text += ("\n\nCredentials: an API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`, or a"
+                 " JWT as `Authorization: Bearer <token>`. Scopes: `write` (batches, flush), `read` (queries,"
+                 " recovery, stats), `admin` (delete, cleanup). `/health` is open.")
+    return text
+
+
+DOCS_PACKAGE = "flask_swagger_ui"  # importlib.resources.files(DOCS_PACKAGE) / "dist" / <file>
+DOCS_ASSETS = {  # what /docs needs of dist/, and how it is served
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+DOCS_INIT = b"""window.addEventListener("load", function () {
+  window.ui = SwaggerUIBundle({
+    url: "/openapi.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    defaultModelsExpandDepth: 0,
+    tryItOutEnabled: false,
+    validatorUrl: null
+  });
+});
+"""
+DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>persistd API {version}</title>
+  <link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png">
+  <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/assets/swagger-ui-bundle.js"></script>
+  <script src="/docs/assets/docs-init.js"></script>
+</body>
+</html>
+"""
+# Everything from our own origin; Swagger UI sets inline styles and draws some icons as data: URLs.
+DOCS_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+            " connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def docs_assets() -> dict[str, tuple[bytes, str]]:
+    """The files /docs/assets/ serves, read once at start (2 MB)."""
+    dist = importlib.resources.files(DOCS_PACKAGE) / "dist"
+    assets = {name: ((dist / name).read_bytes(), ctype) for name, ctype in DOCS_ASSETS.items()}
+    assets["docs-init.js"] = (DOCS_INIT, "text/javascript; charset=utf-8")
+    return assets
+
+
+def add_docs_routes(app: QuartTrio, document: bytes, version: str) -> None:
+    """GET /openapi.json, GET /docs and GET /docs/assets/<name> on a Quart app."""
+    assets = docs_assets()
+    swagger_ui = importlib.metadata.version("flask-swagger-ui")  # the asset version, for caches
+    page = DOCS_HTML.format(version=version).encode()
+
+    @app.get("/openapi.json")
+    async def openapi_json() -> Response:
+        return Response(document, content_type=JSON)
+
+    @app.get("/docs")
+    async def docs() -> Response:
+        return Response(page, content_type="text/html; charset=utf-8", headers={"Content-Security-Policy": DOCS_CSP})
+
+    @app.get("/docs/assets/<name>")
+    async def docs_asset(name: str) -> Response:
+        if name not in assets:
+            raise ApiError(404, "NOT_FOUND", "Not found")
+        body, ctype = assets[name]
+        return Response(body, content_type=ctype, headers={
+            "Cache-Control": "public, max-age=86400", "ETag": f'"{swagger_ui}-{name}"',
+            "X-Content-Type-Options": "nosniff"})
+
+
 # The scope each route needs when auth is on, by handler name; /health and (by default)
 # the metrics stay open.
 ROUTE_SCOPES = {
@@ -2551,7 +3198,7 @@ ROUTE_SCOPES = {
 
 def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics,
                auth: Auth) -> QuartTrio:
-    app = QuartTrio("persistd")
+    app = QuartTrio("persistd", static_folder=None)  # no /static/<path> route
     app.config["MAX_CONTENT_LENGTH"] = cfg.server.max_body_bytes
     started = time.monotonic()
     scopes = {**ROUTE_SCOPES, **({"system_metrics": "read"} if cfg.auth.metrics == "read" else {})}
@@ -2814,6 +3461,8 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         metrics.database_up.set(await db.ping())
         return Response(prometheus_client.generate_latest(metrics.registry), content_type=PROMETHEUS_CONTENT_TYPE)
 
+    document = openapi_document(app.url_map, security=auth.on, metrics_scope=scopes.get("system_metrics"))
+    add_docs_routes(app, msgspec.json.encode(document), VERSION)
     return app
 
 
