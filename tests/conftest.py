@@ -1,6 +1,7 @@
 """Shared fixtures: the real MariaDB/MySQL at PERSISTD_TEST_DATABASE_URL, and persistd
 started in-process by `run()` on a free port, spoken to over real HTTP."""
 
+import hashlib
 import os
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
@@ -14,6 +15,16 @@ from persistd.daemon import (Config, Database, DatabaseConfig, DeadLetters, Metr
                              buffer_actor, ensure_schema, read_schema, recount_tasks, run)
 
 DATABASE_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "mysql://root@127.0.0.1:3306/persistd_test")
+
+# Spec §1.3, every route there is; {id} stands for any placeholder name.
+SPEC_ROUTES = {
+    "/api/v1/translation/sessions/batch", "/api/v1/translation/tasks/batch", "/api/v1/translation/flush",
+    "/api/v1/translation/sessions", "/api/v1/translation/sessions/{id}", "/api/v1/translation/sessions/{id}/tasks",
+    "/api/v1/translation/tasks/{id}", "/api/v1/translation/tasks",
+    "/api/v1/translation/recovery/incomplete-sessions", "/api/v1/translation/recovery/restore/{id}",
+    "/api/v1/translation/sessions/cleanup", "/api/v1/translation/stats",
+    "/health", "/api/v1/system/metrics",
+}
 
 
 def make_config(tmp_path, **sections) -> Config:
@@ -195,3 +206,17 @@ def task(task_id: str = "task_001", session_id: str = SESSION_ID, **fields) -> d
     return {"task_id": task_id, "session_id": session_id, "batch_id": "batch_001",
             "sheet_name": "Dialogue", "row_index": 10, "column_name": "Text",
             "source_text": "Hello, adventurer!", "status": "pending", **fields}
+
+
+# ── credentials ──────────────────────────────────────────────────────────────────────
+
+
+def key_line(name: str, scopes: str, key: str) -> str:
+    """The keys file's line that admits `key` with `scopes` (persistd --new-key prints one)."""
+    return f"{name} {scopes} sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def keys_file(tmp_path, *lines: str):
+    path = tmp_path / "keys"
+    path.write_text("# name scopes hash\n" + "\n".join(lines) + "\n")
+    return path

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from conftest import SESSION_ID, make_config, running, session, task
+from conftest import SESSION_ID, key_line, keys_file, make_config, running, session, task
 from persistd.daemon import ROUTE_SCOPES, ConfigError, load_config
 from processes import PERSISTD, assert_one_line_error, clean_environ
 
@@ -48,16 +48,6 @@ ROUTES = {
 }
 KEYS = {scope: f"pd_test_key_{scope}_0123456789" for scope in ("read", "write", "admin")}
 ALL = "pd_test_key_all_0123456789"
-
-
-def key_line(name: str, scopes: str, key: str) -> str:
-    return f"{name} {scopes} sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def keys_file(tmp_path, *lines: str):
-    path = tmp_path / "keys"
-    path.write_text("# name scopes hash\n" + "\n".join(lines) + "\n")
-    return path
 
 
 async def call(daemon, route: str, **headers):

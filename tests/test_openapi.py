@@ -10,11 +10,9 @@ import pytest
 import trio
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-from conftest import make_config, running
+from conftest import SPEC_ROUTES, key_line, keys_file, make_config, running
 from persistd.daemon import (NOT_IN_DOCUMENT, ROUTE_SCOPES, Auth, Database, Metrics, create_app,
                              endpoint_label)
-from test_auth import KEYS, bearer, key_line, keys_file
-from test_system import SPEC_ROUTES
 
 
 def operations(document: dict) -> dict[tuple[str, str], dict]:
@@ -58,7 +56,7 @@ async def test_limits_and_errors_come_from_the_types_and_checks(daemon):
 
 
 async def test_with_auth_on_every_operation_names_its_scope(db, tmp_path):
-    path = keys_file(tmp_path, key_line("all", "read,write,admin", KEYS["admin"]))
+    path = keys_file(tmp_path, key_line("all", "read,write,admin", "pd_openapi_test_key_0123456789"))
     async with running(make_config(tmp_path, auth={"keys_file": str(path)})) as daemon:
         document = (await daemon.get("/openapi.json")).json()  # open, like /health
     assert list(OpenAPIV31SpecValidator(document).iter_errors()) == []

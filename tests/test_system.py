@@ -16,7 +16,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SESSION_ID, make_config, running, session, task
+from conftest import SESSION_ID, SPEC_ROUTES, make_config, running, session, task
 from persistd.daemon import load_config, parse_database_url
 from processes import PERSISTD, assert_one_line_error, persistd_exits
 from proxy import tcp_proxy
@@ -26,15 +26,6 @@ TASKS = "/api/v1/translation/tasks/batch"
 FLUSH = "/api/v1/translation/flush"
 METRICS = "/api/v1/system/metrics"
 
-# Spec §1.3, every route there is; {id} stands for any placeholder name.
-SPEC_ROUTES = {
-    "/api/v1/translation/sessions/batch", "/api/v1/translation/tasks/batch", "/api/v1/translation/flush",
-    "/api/v1/translation/sessions", "/api/v1/translation/sessions/{id}", "/api/v1/translation/sessions/{id}/tasks",
-    "/api/v1/translation/tasks/{id}", "/api/v1/translation/tasks",
-    "/api/v1/translation/recovery/incomplete-sessions", "/api/v1/translation/recovery/restore/{id}",
-    "/api/v1/translation/sessions/cleanup", "/api/v1/translation/stats",
-    "/health", "/api/v1/system/metrics",
-}
 ERROR_KEYS = {"detail", "error_code", "errors"}
 PING_MARGIN_S = 1.0  # scheduling slack on a loaded 2-core machine
 
