@@ -257,8 +257,7 @@ def test_mode_off_refuses_to_start_over_unwritten_journal_records(tmp_path):
     journal.close()
     config = tmp_path / "p.toml"
     config.write_text(f'[server]\nport = 0\n[state]\ndir = "{tmp_path / "state"}"\n[journal]\nmode = "off"\n')
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
-    proc = subprocess.run([*PERSISTD, "--config", str(config)], env=clean,
+    proc = subprocess.run([*PERSISTD, "--config", str(config)], env=clean_environ(),
                           capture_output=True, text=True, timeout=30)
     assert_one_line_error(proc, 2, "not yet written")
 

@@ -2,7 +2,6 @@
 routes, and what the daemon does while the database is away (DESIGN.md "database down",
 "flush"). Outages are made with a TCP proxy between persistd and MySQL (tests/proxy.py)."""
 
-import os
 import re
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SESSION_ID, SPEC_ROUTES, make_config, running, session, task
 from persistd.daemon import load_config, parse_database_url
-from processes import PERSISTD, assert_one_line_error, persistd_exits
+from processes import PERSISTD, assert_one_line_error, clean_environ, persistd_exits
 from proxy import tcp_proxy
 
 SESSIONS = "/api/v1/translation/sessions/batch"
@@ -465,8 +464,7 @@ def test_environment_overrides_database_url_and_port(tmp_path):
 def test_invalid_config_is_one_line_and_exit_2(tmp_path, text, env):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}
-    proc = subprocess.run([*PERSISTD, "--config", str(path)], env={**clean, **env},
+    proc = subprocess.run([*PERSISTD, "--config", str(path)], env=clean_environ(**env),
                           capture_output=True, text=True, timeout=30)
     assert proc.stderr.count("\n") == 1
     assert_one_line_error(proc, 2)
