@@ -614,11 +614,22 @@ class RestoredSession(Struct):  # §5.2 "session"
     pending_tasks: int
 
 
+class RestoredTask(Struct):  # §5.2 "tasks" items: what RESTORED_TASK_JSON has the database write
+    task_id: str
+    batch_id: str
+    sheet_name: str
+    row_index: int
+    column_name: str
+    source_text: str
+    status: Literal["pending", "processing"]  # unfinished_tasks() selects only these
+    created_at: datetime
+
+
 class Restored(Struct):
     session_id: str
     session: RestoredSession
     tasks_count: int
-    tasks: msgspec.Raw  # a JSON array of the objects the database wrote, see unfinished_tasks()
+    tasks: msgspec.Raw  # a JSON array of RestoredTask objects the database wrote, see unfinished_tasks()
     restored_at: datetime
 
 
@@ -2556,17 +2567,6 @@ OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{name}"
 
 
-class RestoredTask(Struct):  # §5.2 "tasks" items: what RESTORED_TASK_JSON has the database write
-    task_id: str
-    batch_id: str
-    sheet_name: str
-    row_index: int
-    column_name: str
-    source_text: str
-    status: Literal["pending", "processing"]  # unfinished_tasks() selects only these
-    created_at: datetime
-
-
 # ── what each route answers ──────────────────────────────────────────────────────────
 # Error responses by name: (status, error codes, description). The codes are the API's.
 
@@ -3205,6 +3205,13 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
 
     ask = functools.partial(ask_buffer, to_buffer)
 
+    def refused_full(detail: str, field: str, limit: str, retry_after_s: int) -> ApiError:
+        """503 BUFFER_FULL: a limit would be passed; nothing of the batch was kept."""
+        metrics.refused_batches.inc()
+        error = ApiError(503, "BUFFER_FULL", detail, [(field, limit)])
+        error.headers["Retry-After"] = str(retry_after_s)
+        return error
+
     @app.before_request
     async def start_timer_and_authenticate() -> None:
         """Before the body is read: a request without the scope never costs a decode."""
@@ -3223,11 +3230,8 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
                 error.headers["WWW-Authenticate"] = challenge
                 raise error from None
         if request.scope.get(BUSY):  # see guard(): the body would pass max_inflight_bytes
-            metrics.refused_batches.inc()
-            error = ApiError(503, "BUFFER_FULL", "Too many request bodies are being received; retry later", [("", (
-                f"at most {cfg.server.max_inflight_bytes} bytes of request bodies are received at once"))])
-            error.headers["Retry-After"] = "1"
-            raise error
+            raise refused_full("Too many request bodies are being received; retry later", "", (
+                f"at most {cfg.server.max_inflight_bytes} bytes of request bodies are received at once"), 1)
 
     @app.after_request
     async def observe(response: Response) -> Response:
@@ -3254,12 +3258,9 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         return await api_error(ApiError(500, "INTERNAL_ERROR", "Internal server error"))
 
     def buffer_full(key: str) -> ApiError:
-        error = ApiError(503, "BUFFER_FULL", "The buffer is full; retry later", [(key, (
+        return refused_full("The buffer is full; retry later", key, (
             f"at most {cfg.buffer.max_rows} rows and {cfg.buffer.max_bytes} bytes may wait for the database"
-            f", and {cfg.journal.max_bytes} bytes in the journal"))])
-        error.headers["Retry-After"] = str(math.ceil(cfg.buffer.flush_interval))
-        metrics.refused_batches.inc()
-        return error
+            f", and {cfg.journal.max_bytes} bytes in the journal"), math.ceil(cfg.buffer.flush_interval))
 
     async def accept(key: str) -> Response:
         body = await request.get_data(cache=False)
