@@ -93,6 +93,7 @@ import hypercorn.trio
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import jwt
+import werkzeug.routing
 import msgspec
 import prometheus_client
 import trio
@@ -343,8 +344,11 @@ def parse_database_url(url: str) -> dict[str, Any]:
 # PAD SPACE, so "a" and "a " would be one row there and two here.
 
 # ... nor a "/", nor be "." or "..": an id must be one segment of a URL path, or GET and
-# DELETE could never reach the row that the batch wrote.
-ID_PATTERN = r"\A(?!\.\.?\Z)[^\s/]+\Z"
+# DELETE could never reach the row that the batch wrote. Nor "batch" or "cleanup": those
+# segments are routes of their own beside /sessions/{session_id} and /tasks/{task_id}.
+RESERVED_IDS = ("batch", "cleanup")
+NOT_AN_ID = rf"(?!(?:\.\.?|{'|'.join(RESERVED_IDS)})\Z)"
+ID_PATTERN = rf"\A{NOT_AN_ID}[^\s/]+\Z"
 Id36 = Annotated[str, Meta(min_length=1, max_length=36, pattern=ID_PATTERN)]
 Id64 = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 Str50 = Annotated[str, Meta(max_length=50)]
@@ -481,6 +485,22 @@ class TaskQuery(Struct, forbid_unknown_fields=True):
     to_date: datetime | None = None
     page: PageNumber = 1
     page_size: PageSize = 20
+
+
+def loose_parameter(value: Any, raw: str) -> str | None:
+    """What msgspec's lax conversion of a query string lets through that the API does not:
+    `null` for "no filter" on an enum or date (leave the parameter out), integers written
+    as `1.0` or `1e0`, and numbers as dates. None when `raw` is exactly what `value` means."""
+    if value is None:
+        return "Has no value; leave the parameter out for no filter"
+    if type(value) is int and not (raw.isascii() and raw.isdigit()):
+        return "Not a whole number in decimal digits"
+    if type(value) is datetime:
+        try:
+            msgspec.convert(raw, datetime)  # strict: the lax one also reads numbers as Unix times
+        except msgspec.ValidationError:
+            return "Not an RFC 3339 date-time"
+    return None
 
 
 class CleanupIn(Struct, forbid_unknown_fields=True):
@@ -2549,6 +2569,13 @@ def json_response(status: int, body: Any) -> Response:
     return Response(msgspec.json.encode(body), status=status, content_type=JSON)
 
 
+class IdConverter(werkzeug.routing.BaseConverter):
+    """`<id:session_id>`: one path segment that can be an id. /sessions/batch is then only the
+    batch endpoint: GET there is a 405 naming POST, as the description says, not the session
+    whose id is `batch`."""
+    regex = f"{NOT_AN_ID}[^/]+"
+
+
 @functools.cache
 def endpoint_label(rule: str) -> str:
     """The route template, in the spec's spelling: never a raw id."""
@@ -2814,7 +2841,6 @@ def datetime_pattern(first_year: int = 1, last_year: int = 9999) -> str:
 
 # ── schema refinements derived from the types ────────────────────────────────────────
 
-TEXT_SAFE_CHARS = TEXT_MAX_BYTES // 4  # a code point is at most 4 bytes of UTF-8
 FIELD_NOTE_OPTIONAL = "Optional: absent keeps the stored value, `null` clears it."
 
 
@@ -2863,10 +2889,9 @@ def _refine_struct(info: msgspec.inspect.StructType, schema: dict, incoming: boo
                 _patch_string(prop, {"pattern": ecma_pattern(m.pattern)})
                 prop.setdefault("description", "No whitespace. Compared case-sensitively.")
         if incoming and info.cls is TaskIn and field.name in TEXT_FIELDS:
-            _patch_string(prop, {"maxLength": TEXT_SAFE_CHARS, "x-persistd-max-utf8-bytes": TEXT_MAX_BYTES})
-            prop["description"] = (f"At most {TEXT_MAX_BYTES:,} bytes in UTF-8 (a TEXT column). maxLength is the"
-                                   f" {TEXT_SAFE_CHARS:,} characters that always fit; longer text is accepted while"
-                                   f" its UTF-8 form fits.")
+            _patch_string(prop, {"x-persistd-max-utf8-bytes": TEXT_MAX_BYTES})
+            prop["description"] = (f"At most {TEXT_MAX_BYTES:,} bytes in UTF-8 (a TEXT column), checked at the door;"
+                                   f" maxLength counts characters, so it holds for ASCII and bounds the rest.")
         if incoming and msgspec.inspect.DictType in kinds:
             for s in prop.get("anyOf", [prop]):
                 if s.get("type") == "object":
@@ -2973,16 +2998,16 @@ def _parameters(query: type) -> list[dict]:
 
 
 def _path_parameter(rule: Any, name: str) -> dict:
-    """werkzeug's default converter takes one path segment (its regex is `[^/]{1,}`); the server
-    sees the segment percent-decoded, so an id with `/` (even as %2F) cannot be addressed, and
-    clients drop the dot segments `.` and `..` before sending."""
-    if rule._converters[name].regex not in ("[^/]{1,}", "[^/]+"):
+    """An id is one path segment, percent-decoded by the server, and never a reserved word
+    (IdConverter); the batch endpoints refuse the ids no path can address."""
+    if not isinstance(rule._converters[name], IdConverter):
         raise ValueError(f"{rule.rule}: no path parameter schema for converter {rule._converters[name]!r}")
     what = "session" if name == "session_id" else "task"
+    reserved = ", ".join(f"`{word}`" for word in RESERVED_IDS)
     return {"name": name, "in": "path", "required": True, "description": (
-                f"The {what}'s id, exactly as written. An id containing `/`, or the id `.` or `..`, cannot be"
-                f" addressed here (the batch endpoints accept them)."),
-            "schema": {"type": "string", "minLength": 1, "pattern": "^(?!\\.\\.?$)[^/]+$"}}
+                f"The {what}'s id, exactly as written; never `.`, `..`, {reserved} (routes of their own),"
+                f" which the batch endpoints refuse as ids."),
+            "schema": {"type": "string", "minLength": 1, "pattern": ecma_pattern(rf"\A{IdConverter.regex}\Z")}}
 
 
 def openapi_document(url_map: Any, *, security: bool, metrics_scope: str | None = None) -> dict:
@@ -3074,21 +3099,15 @@ def openapi_document(url_map: Any, *, security: bool, metrics_scope: str | None 
 
 
 def _describe_other_methods(url_map: Any, paths: dict[str, dict]) -> None:
-    """What the methods not documented on a path get: 405, except where the path is also an
-    id of a templated route (GET /sessions/batch is the session whose id is `batch`)."""
+    """What the methods not documented on a path get: 405 with the path's `Allow`, which
+    must name only documented methods (IdConverter keeps /sessions/batch from also being
+    a session's path)."""
     adapter = url_map.bind("localhost")
     for path, item in paths.items():
-        concrete = re.sub(r"\{(\w+)\}", "x", path)
-        allowed = sorted(adapter.allowed_methods(concrete))
-        notes = []
-        for method in allowed:
-            if method.lower() in item or method in ("HEAD", "OPTIONS"):
-                continue
-            endpoint, args = adapter.match(concrete, method=method)
-            other = next(p for p, i in paths.items() for o in i.values() if isinstance(o, dict) and o.get("operationId") == endpoint)
-            notes.append(f"{method} here is `{method} {other}` with " + ", ".join(f"{k} = `{v}`" for k, v in args.items()))
-        text = f"Other methods: 405 `METHOD_NOT_ALLOWED` with `Allow: {', '.join(allowed)}`."
-        item["description"] = "; ".join(notes) + ". " + text if notes else text
+        allowed = sorted(adapter.allowed_methods(re.sub(r"\{(\w+)\}", "x", path)))
+        if stray := [m for m in allowed if m.lower() not in item and m not in ("HEAD", "OPTIONS")]:
+            raise ValueError(f"{path}: {stray} routed but not documented here")
+        item["description"] = f"Other methods: 405 `METHOD_NOT_ALLOWED` with `Allow: {', '.join(allowed)}`."
 
 
 def _variant(name: str, description: str, properties: dict, required: list[str] | None = None) -> dict:
@@ -3199,6 +3218,7 @@ ROUTE_SCOPES = {
 def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics,
                auth: Auth) -> QuartTrio:
     app = QuartTrio("persistd", static_folder=None)  # no /static/<path> route
+    app.url_map.converters["id"] = IdConverter
     app.config["MAX_CONTENT_LENGTH"] = cfg.server.max_body_bytes
     started = time.monotonic()
     scopes = {**ROUTE_SCOPES, **({"system_metrics": "read"} if cfg.auth.metrics == "read" else {})}
@@ -3313,10 +3333,15 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         if repeated:  # which one would count? Refused rather than guessed
             raise ApiError(422, "VALIDATION_ERROR", "Invalid query parameters",
                            [(name, "Given more than once") for name in repeated])
+        given = request.args.to_dict()
         try:
-            return msgspec.convert(request.args.to_dict(), type_, strict=False)
+            q = msgspec.convert(given, type_, strict=False)
         except msgspec.ValidationError as exc:
             raise ApiError(422, "VALIDATION_ERROR", "Invalid query parameters", [validation_error(exc)]) from None
+        loose = [(name, problem) for name, raw in given.items() if (problem := loose_parameter(getattr(q, name), raw))]
+        if loose:
+            raise ApiError(422, "VALIDATION_ERROR", "Invalid query parameters", loose)
+        return q
 
     @app.post("/api/v1/translation/flush")
     async def flush() -> Response:
@@ -3342,7 +3367,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         return json_response(200, SessionPage(total, q.page, q.page_size, total_pages(total, q.page_size),
                                               [msgspec.convert(with_derived(r), SessionSummary) for r in rows]))
 
-    @app.get("/api/v1/translation/sessions/<session_id>")
+    @app.get("/api/v1/translation/sessions/<id:session_id>")
     async def session_detail(session_id: str) -> Response:
         state = await latest("sessions", session_id,
                              f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s")
@@ -3350,7 +3375,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
             raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
         return json_response(200, msgspec.convert(with_derived(state), SessionDetail))
 
-    @app.get("/api/v1/translation/sessions/<session_id>/tasks")
+    @app.get("/api/v1/translation/sessions/<id:session_id>/tasks")
     async def session_tasks(session_id: str) -> Response:
         q = params(SessionTaskQuery)
         if await latest("sessions", session_id, "SELECT session_id FROM translation_sessions WHERE session_id = %s") is None:
@@ -3359,7 +3384,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         return json_response(200, SessionTaskPage(session_id, total, q.page, q.page_size, total_pages(total, q.page_size),
                                                   [msgspec.convert(r, TaskItem) for r in rows]))
 
-    @app.get("/api/v1/translation/tasks/<task_id>")
+    @app.get("/api/v1/translation/tasks/<id:task_id>")
     async def task_detail(task_id: str) -> Response:
         state = await latest("tasks", task_id, f"SELECT {TASK_COLUMNS} FROM translation_tasks WHERE task_id = %s")
         if state is None:
@@ -3380,7 +3405,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         return json_response(200, IncompleteSessions(
             len(rows), [msgspec.convert(with_derived(r), IncompleteSession) for r in rows]))
 
-    @app.post("/api/v1/translation/recovery/restore/<session_id>")
+    @app.post("/api/v1/translation/recovery/restore/<id:session_id>")
     async def recovery_restore(session_id: str) -> Response:
         await write_out()
         stored = await read(fetch_one, f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s",
@@ -3392,7 +3417,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
             session_id, msgspec.convert(with_derived(stored), RestoredSession), len(tasks),
             msgspec.Raw(f"[{','.join(tasks)}]".encode()), utc_now()))
 
-    @app.delete("/api/v1/translation/sessions/<session_id>")
+    @app.delete("/api/v1/translation/sessions/<id:session_id>")
     async def session_delete(session_id: str) -> Response:
         forgotten = await ask(Forget, session_id, timeout=cfg.buffer.flush_timeout)
         if forgotten is None:

@@ -430,6 +430,13 @@ BAD_PARAMS = [
     (f"{SESSIONS}/{SESSION_ID}/tasks", {"status": "done"}, "status"),
     (f"{SESSIONS}/{SESSION_ID}/tasks", {"from_date": "2025-09-30T00:00:00Z"}, "from_date"),
     (TASKS, [("status", "failed"), ("status", "processing")], "status"),  # which would count?
+    (SESSIONS, {"status": "null"}, "status"),  # "no filter" is leaving it out
+    (TASKS, {"from_date": "null"}, "from_date"),
+    (SESSIONS, {"page": "1.0"}, "page"),
+    (TASKS, {"page_size": "1e1"}, "page_size"),
+    (TASKS, {"page": "+1"}, "page"),
+    (SESSIONS, {"to_date": "0.5"}, "to_date"),  # not a Unix time
+    (TASKS, {"from_date": "1700000000"}, "from_date"),
 ]
 
 

@@ -24,6 +24,7 @@ SESSIONS = "/api/v1/translation/sessions/batch"
 TASKS = "/api/v1/translation/tasks/batch"
 FLUSH = "/api/v1/translation/flush"
 METRICS = "/api/v1/system/metrics"
+CLEANUP = "/api/v1/translation/sessions/cleanup"
 
 ERROR_KEYS = {"detail", "error_code", "errors"}
 PING_MARGIN_S = 1.0  # scheduling slack on a loaded 2-core machine
@@ -418,6 +419,16 @@ async def test_wrong_method_names_the_allowed_methods(daemon):
     assert response.status_code == 405
     allowed = {m.strip() for m in response.headers.get("allow", "").split(",") if m.strip()}
     assert "POST" in allowed, dict(response.headers)
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS"])
+@pytest.mark.parametrize("path", [SESSIONS, TASKS, CLEANUP])
+async def test_a_batch_or_cleanup_path_is_never_read_as_an_id(daemon, method, path):
+    """/sessions/batch is the batch endpoint, not the session whose id is 'batch' (such ids
+    are refused): its Allow names POST alone, as /openapi.json does."""
+    response = await daemon.client.request(method, path)
+    assert response.status_code == (200 if method == "OPTIONS" else 405), response.text
+    assert response.headers["allow"].replace(" ", "").split(",") == ["POST", "OPTIONS"]
 
 
 # ── configuration ────────────────────────────────────────────────────────────────────

@@ -272,10 +272,11 @@ async def test_the_same_batch_twice_stores_the_same_rows(daemon, db):
     assert again == first and len(first) == 100
 
 
-@pytest.mark.parametrize("bad_id", ["proj/42", ".", "..", "a b", "/"])
+@pytest.mark.parametrize("bad_id", ["proj/42", ".", "..", "a b", "/", "batch", "cleanup"])
 async def test_ids_that_a_url_path_cannot_hold_are_422(daemon, bad_id):
     """An id must be one segment of a URL path: GET, DELETE and restore could never reach
-    a row whose id holds a '/' or is '.' or '..'."""
+    a row whose id holds a '/' or is '.' or '..', nor one called 'batch' or 'cleanup'
+    (/sessions/batch and /sessions/cleanup are routes of their own)."""
     for path, body, field in ((SESSIONS_URL, {"sessions": [session(bad_id)]}, "sessions[0].session_id"),
                               (TASKS_URL, {"tasks": [task(bad_id)]}, "tasks[0].task_id")):
         r = await daemon.post(path, body)
