@@ -1,9 +1,9 @@
-"""persistd: accepts translation progress over HTTP at once, writes it to MySQL behind.
+"""persistd: accepts translation progress over HTTP at once, writes it to a database behind.
 
 One trio nursery in `run()` holds the actors. Each is a top-level async function that owns
 its state as local variables and talks only through the channel ends it was handed:
 
-    clients ──HTTP──► http actor ──Room/Write/Flush/Lookup/──► buffer actor ──Job──► flusher actor ──► MySQL
+    clients ──HTTP──► http actor ──Room/Write/Flush/Lookup/──► buffer actor ──Job──► flusher actor ──► Store
                       (quart-trio on   Forget/Status/Drain      (sole owner of    ◄──Written/Failed──┘
                        hypercorn's                              unflushed rows)
                        trio worker)    janitor actor ──Flush──►     │ ▲
@@ -13,7 +13,7 @@ its state as local variables and talks only through the channel ends it was hand
                                                                journal actor ──► <state dir>/journal/
 
 - http: validates every batch with msgspec at the door and answers 202 once the buffer
-  has taken it and the journal has it on disk; nothing MySQL could refuse is accepted.
+  has taken it and the journal has it on disk; nothing the database could refuse is accepted.
   Checks credentials and scopes (Auth, off by default) before a body is read. The app is
   served HTTP/1.1 only, wrapped by guard() (bodies in flight bounded, sends shielded so
   that hypercorn's idle close happens, connections capped), and describes itself at
@@ -26,16 +26,18 @@ its state as local variables and talks only through the channel ends it was hand
   one write and one fdatasync for all that arrived meanwhile), deletes segments once
   released. `[journal] mode`: fsync (a 202 survives a power cut), write (a killed
   process), off (no journal: a crash loses what was not yet written).
-- flusher: writes one snapshot per job in one transaction over one dedicated connection,
-  sessions before tasks, and reports what it wrote or why it failed, and whether
-  retrying can help. It has no policy. It builds the SQL text in a worker thread while
-  the previous statement executes.
+- flusher: writes one snapshot per job in one transaction over the store's writer
+  connection, which is its alone, sessions before tasks, and reports what it wrote or why
+  it failed, and whether retrying can help. It has no policy.
 - janitor: runs the retention cleanup on a schedule, after the buffer has written out;
   stops between chunks at shutdown.
 - systemd (only under systemd's Type=notify): WATCHDOG=1 while the buffer answers, STATUS=.
 
-Reads go to the database through a small pool; single-row reads lay the buffer's state over
-the stored row, and recovery first asks the buffer to write everything out.
+The database is a Store (persistd/storage.py): MySQL (persistd/mysql.py) or SQLite, the
+default (persistd/sqlite.py), picked by the url's scheme; the daemon asks it for operations,
+never for connections or SQL. Reads go through the store's small pool; single-row reads lay
+the buffer's state over the stored row, and recovery first asks the buffer to write
+everything out.
 
 Start: the schema file, the state dir and a database that accepts the schema are checked
 first; a fault that is not an outage (`Fatal`) stops the daemon before it listens, and one
@@ -97,7 +99,6 @@ import werkzeug.routing
 import msgspec
 import prometheus_client
 import trio
-import trio_mysql
 from cryptography.hazmat.primitives import serialization
 from msgspec import UNSET, Meta, Struct, UnsetType
 from quart import Response, g, request
@@ -117,7 +118,7 @@ JSON_MAX_BYTES = 65_535  # our bound for game_info / metadata, so one row always
 JSON_MAX_DEPTH = 31  # MariaDB's JSON_VALID refuses 32 levels of nesting; MySQL 8 allows 100
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7, tzinfo=UTC)
-SCHEMA_RESOURCE = ("persistd.sql", "schema.sql")  # sql/schema.sql, shipped inside the wheel
+SQLITE_DEFAULT_FILE = "persistd.db"  # in the state dir, when no [database] url is set
 
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
@@ -165,7 +166,7 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class DatabaseConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    url: str = "mysql://root@127.0.0.1:3306/persistd"
+    url: str = ""  # empty: SQLite, in <state dir>/persistd.db
     connect_timeout: Seconds = 5.0
     write_timeout: Seconds = 30.0
     ping_timeout: Seconds = 1.0
@@ -275,7 +276,9 @@ def load_config(path: str | None, environ: typing.Mapping[str, str]) -> Config:
         cfg = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
-    parse_database_url(cfg.database.url)
+    if not cfg.database.url:
+        cfg.database.url = f"sqlite:///{Path(cfg.state.dir) / SQLITE_DEFAULT_FILE}"
+    backend_of(cfg.database.url)
     if cfg.server.max_inflight_bytes < cfg.server.max_body_bytes:
         raise ConfigError("[server] max_inflight_bytes must be at least [server] max_body_bytes, or the largest body never fits")
     if cfg.buffer.max_bytes < cfg.server.max_body_bytes:
@@ -317,6 +320,24 @@ def config_toml(cfg: Config) -> str:
     for section, values in msgspec.to_builtins(cfg).items():
         table(section, values)
     return "\n".join(lines)
+
+
+def backend_of(url: str) -> str:
+    """"mysql" or "sqlite", once the url has been checked for that backend."""
+    if url.startswith("sqlite:"):
+        sqlite_path(url)
+        return "sqlite"
+    parse_database_url(url)
+    return "mysql"
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db` (SQLAlchemy's spelling)
+    → the file's path."""
+    path = url.removeprefix("sqlite:///")
+    if path == url or not path or path.endswith("/") or path == ":memory:":
+        raise ConfigError(f"database url {url!r} is not sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return path
 
 
 def parse_database_url(url: str) -> dict[str, Any]:
@@ -448,12 +469,16 @@ class BufferHealth(Struct):
     oldest_unwritten_seconds: float | None  # since the oldest batch not yet all in the database was accepted
 
 
+Backend = Literal["mysql", "sqlite"]
+
+
 class Health(Struct):
     status: Literal["healthy", "degraded"]
     database: Literal["healthy", "unhealthy"]
     buffer: BufferHealth
     uptime_seconds: int
     version: str
+    backend: Backend  # beyond §7.1 (issue 11): which database persistd writes to
 
 
 Days = Annotated[int, Meta(ge=0, le=36500)]
@@ -634,7 +659,7 @@ class RestoredSession(Struct):  # §5.2 "session"
     pending_tasks: int
 
 
-class RestoredTask(Struct):  # §5.2 "tasks" items: what RESTORED_TASK_JSON has the database write
+class RestoredTask(Struct):  # §5.2 "tasks" items, as the database writes them (storage.RESTORED_FIELDS)
     task_id: str
     batch_id: str
     sheet_name: str
@@ -676,6 +701,7 @@ class Storage(Struct):
     database_size_mb: float
     sessions_table_rows: int
     tasks_table_rows: int
+    backend: Backend = "mysql"  # beyond §6.3 (issue 11): which database holds them
 
 
 class Stats(Struct):  # §6.3
@@ -929,6 +955,8 @@ class Metrics:
         # for alerts (deploy/prometheus-alerts.yml); the gauges are read at each scrape
         self.database_up = prometheus_client.Gauge(
             "persistence_database_up", "1 when the database answered a ping at this scrape", registry=r)
+        self.backend = prometheus_client.Gauge(
+            "persistence_database_backend", "1 for the database backend in use", ["backend"], registry=r)
         self.flush_failures_in_a_row = prometheus_client.Gauge(
             "persistence_flush_failures_in_a_row", "Flush attempts failed since the last success", registry=r)
         self.oldest_unwritten = prometheus_client.Gauge(
@@ -1708,364 +1736,45 @@ class DeadLetters:
               file=str(self.path), reason=reason)
 
 
-# ── storage: MySQL ───────────────────────────────────────────────────────────────────
-# Everything that speaks SQL is here, so that a second dialect is a change to this part.
-
-DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
-# Server errors that say the database is away, busy or changing hands, not that it refuses
-# what we ask: a flush failing with one is retried, forever. Any other error (no privilege,
-# an unknown table or column, a bad password) would fail the same way at every retry, while
-# the journal fills and /health says healthy: it stops the daemon instead (see Fatal).
-TRANSIENT = frozenset({
-    1040,  # too many connections
-    1053,  # server shutdown in progress
-    1205, 1213,  # lock wait timeout, deadlock
-    1021, 1114,  # disk full, table full: writes resume once an operator frees space
-    1290, 1792, 1836,  # read-only (option, transaction, mode): a failover is under way
-    1047,  # Galera: WSREP has not yet prepared the node for application use
-    1317, 1927, 4031,  # query interrupted, connection killed, disconnected for being idle
-    1152, 1158, 1159, 1160, 1161,  # aborted connection, network read and write errors or timeouts
-})
+# ── storage: the seam ────────────────────────────────────────────────────────────────
+# The daemon speaks to its database only through a Store (persistd/storage.py): operations,
+# never connections or SQL. persistd/mysql.py and persistd/sqlite.py hold the two dialects;
+# the URL's scheme picks one, imported when it is used (each imports this module's types).
 
 
-def transient(exc: BaseException) -> bool:
-    """Whether retrying can help. Client-side errors (2000-2999: refused, lost, gone away),
-    timeouts, sockets and the driver's own protocol errors always can; a server error only
-    when its code is in TRANSIENT."""
-    if isinstance(exc, trio_mysql.MySQLError) and not isinstance(exc, trio_mysql.InterfaceError):
-        code = exc.args[0] if exc.args else None
-        return not isinstance(code, int) or 2000 <= code < 3000 or code in TRANSIENT
-    return isinstance(exc, DB_ERRORS)
+def open_store(cfg: DatabaseConfig) -> Any:
+    """The backend `cfg.url` names: a persistd.storage.Store."""
+    if backend_of(cfg.url) == "sqlite":
+        from persistd.sqlite import SQLiteStore
+        return SQLiteStore(cfg)
+    from persistd.mysql import MySQLStore
+    return MySQLStore(cfg)
 
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
-# What a read answers 503 for; any other database error is a bug of ours and a 500.
-DB_UNAVAILABLE = (trio_mysql.OperationalError, trio_mysql.InterfaceError, OSError, trio.TooSlowError,
-                  trio.BrokenResourceError)
+
+class Reachability:
+    """What reads and /health's pings found of the database: the log tells when that
+    changes, not at every request."""
+
+    def __init__(self) -> None:
+        self.unreachable_since: float | None = None
+
+    def answered(self, error: str | None = None) -> None:
+        if error is not None and self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+            event(logging.WARNING, "database_unreachable", "the database does not answer reads: {error}", error=error)
+        elif error is None and self.unreachable_since is not None:
+            event(logging.INFO, "database_reachable", "the database answers reads again after {seconds:.1f} s",
+                  seconds=round(time.monotonic() - self.unreachable_since, 3))
+            self.unreachable_since = None
 
 
-def _force_close(conn: trio_mysql.Connection) -> None:
-    """trio_mysql 1.0.3 closes a connection it gave up on (after an error, a cancellation,
-    or `close()`) by calling SocketStream.close(), which does not exist: the error is
-    swallowed and the socket leaks until garbage collection. Close the trio socket."""
-    stream, conn._sock, conn._closed = conn._sock, None, True
-    if stream is not None:
-        try:
-            stream.socket.close()
-        except RuntimeError:  # garbage-collected outside trio: no loop to notify
-            os.close(stream.socket.detach())
-
-
-trio_mysql.connections.Connection._force_close = _force_close
-trio_mysql.connections.Connection.__del__ = _force_close
-ER_BAD_DB_ERROR = 1049
-# Errors that refuse a row for what it holds: retrying cannot help, the row goes to the
-# dead-letter file and the rest is written. Any other error is the database's state (lost
-# connection, deadlock, lock wait, disk full, ...) and the whole flush is retried.
-# Validation at the door should leave none of these; a constraint or trigger added by an
-# operator can still refuse rows.
-ROW_REFUSED = frozenset({
-    1048,  # column cannot be null
-    1062,  # duplicate entry (a unique key beside the primary one)
-    1264, 1265, 1292, 1366, 1406, 1690,  # value out of range, truncated, incorrect, too long
-    1451, 1452,  # foreign key
-    1644,  # SIGNAL from a trigger
-    3140,  # invalid JSON (MySQL)
-    3819, 4025,  # CHECK constraint (MySQL, MariaDB)
-})
-NEEDS_ESCAPE = re.compile("[\0\\\\\n\r\x1a'\"]")
-
-
-def sql_escape(text: str) -> str:
-    """MySQL's backslash escapes. A chain of str.replace runs at C speed; str.translate
-    with a mapping costs ~50 ns a character on non-ASCII text."""
-    return (text.replace("\\", "\\\\").replace("\0", "\\0").replace("\n", "\\n").replace("\r", "\\r")
-            .replace("\x1a", "\\Z").replace("'", "\\'").replace('"', '\\"'))
-
-
-class Table(NamedTuple):
-    name: str
-    key: str
-    required: tuple[str, ...]  # fields every request row has, in column order
-    optional: tuple[str, ...]  # fields a row may leave out: the stored value is kept
-    counted: bool  # kept up to date in task_counts
-
-
-def _table(name: str, key: str, row_type: type, counted: bool) -> Table:
-    fields = msgspec.structs.fields(row_type)
-    return Table(name, key, tuple(f.name for f in fields if f.required), OPTIONAL_FIELDS[row_type], counted)
-
-
-SESSIONS = _table("translation_sessions", "session_id", SessionIn, counted=False)
-TASKS = _table("translation_tasks", "task_id", TaskIn, counted=True)
-
-# task_counts: the tasks by session, status and hour of creation, changed in the transaction
-# that changes the tasks. An upsert first counts out the stored states of its rows, then
-# counts in their new ones, both in the database: a partial update keeps stored fields, and
-# a task that already exists keeps its created_at.
-CREATED_HOUR = "FROM_UNIXTIME(UNIX_TIMESTAMP(created_at) DIV 3600 * 3600)"
-COUNT_COLUMNS = "session_id, status, created_hour, tasks, duration_ms_sum, durations"
-ADD_COUNTS = (" ON DUPLICATE KEY UPDATE tasks = tasks + VALUES(tasks),"
-              " duration_ms_sum = duration_ms_sum + VALUES(duration_ms_sum), durations = durations + VALUES(durations)")
-
-
-def count_tasks_sql(sign: str, where: str) -> str:
-    """Adds (sign "") or takes away (sign "-") the tasks that match `where` as they are stored."""
-    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT session_id, status, {CREATED_HOUR},"
-            f" {sign}COUNT(*), {sign}COALESCE(SUM(duration_ms), 0), {sign}COUNT(duration_ms)"
-            f" FROM translation_tasks WHERE {where} GROUP BY 1, 2, 3" + ADD_COUNTS)
-
-
-RECOUNT_TASKS = count_tasks_sql("", "TRUE")
-
-
-def hour_floor(at: datetime) -> datetime:
-    return at.replace(minute=0, second=0, microsecond=0)
-
-
-def sql_value(value: Any) -> str:
-    """A literal for the statement text. The values were validated at the door; the
-    connection runs with backslash escapes on (the server default, never changed here)."""
-    if value is None:
-        return "NULL"
-    kind = type(value)
-    if kind is str:
-        return "'" + (sql_escape(value) if NEEDS_ESCAPE.search(value) else value) + "'"
-    if kind is int or kind is float:
-        return repr(value)
-    if kind is datetime:
-        return sql_time(value)
-    return sql_value(msgspec.json.encode(value).decode())  # a JSON object
-
-
-@functools.lru_cache(maxsize=256)
-def sql_time(value: datetime) -> str:
-    return value.strftime("'%Y-%m-%d %H:%M:%S'")
-
-
-@functools.cache
-def statement_frame(table: Table, columns: tuple[str, ...]) -> tuple[str, str]:
-    """INSERT head and ON DUPLICATE KEY UPDATE tail for rows that carry `columns`. Only
-    the columns a row carries are updated; created_at is written once, never updated."""
-    all_columns = (*columns, "created_at", "updated_at")
-    head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in all_columns)}) VALUES "
-    updates = [f"`{c}` = VALUES(`{c}`)" for c in all_columns if c not in (table.key, "created_at")]
-    return head, " ON DUPLICATE KEY UPDATE " + ", ".join(updates)
-
-
-def group_by_shape(table: Table, entries: typing.Iterable[Entry]) -> dict[tuple[str, ...], list[Entry]]:
-    """Rows that carry the same optional fields share a statement."""
-    groups: dict[tuple[str, ...], list[Entry]] = {}
-    for entry in entries:
-        row = entry.row
-        shape = tuple([name for name in table.optional if getattr(row, name) is not UNSET])
-        groups.setdefault(shape, []).append(entry)
-    return groups
-
-
-class Statement(NamedTuple):
-    sql: str
-    count_out: str | None  # for a counted table: takes the rows' stored states out of task_counts
-    count_in: str | None  # and adds their new states, once `sql` has run
-    count_new: str | None  # the same as count_in when no row was stored before, without reading them
-
-
-def with_counts(table: Table, sql: str, entries: list[Entry], keys: list[str]) -> Statement:
-    if not table.counted:
-        return Statement(sql, None, None, None)
-    where = f"{table.key} IN ({','.join(keys)})"
-    return Statement(sql, count_tasks_sql("-", where), count_tasks_sql("", where), count_new_tasks_sql(entries))
-
-
-def count_new_tasks_sql(entries: list[Entry]) -> str:
-    """count_in for tasks that did not exist: their stored state is the one written, with
-    the accept time as created_at and no duration_ms unless the row carries one."""
-    counts: dict[tuple[str, str, datetime], list[int]] = {}
-    for entry in entries:
-        row = entry.row
-        n = counts.setdefault((row.session_id, row.status, hour_floor(entry.created_at)), [0, 0, 0])
-        n[0] += 1
-        if row.duration_ms is not UNSET and row.duration_ms is not None:
-            n[1] += row.duration_ms
-            n[2] += 1
-    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) VALUES "
-            + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items()) + ADD_COUNTS)
-
-
-def upsert_statements(table: Table, entries: list[Entry]) -> list[Statement]:
-    """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
-    STATEMENT_MAX_ROWS rows and STATEMENT_MAX_BYTES each."""
-    statements = []
-    for shape, group in group_by_shape(table, entries).items():
-        columns = table.required + shape
-        head, tail = statement_frame(table, columns)
-        values_of = operator.attrgetter(*columns)
-        key_of = operator.attrgetter(table.key)
-        values: list[str] = []
-        part: list[Entry] = []
-        keys: list[str] = []
-        size = 0
-        for entry in group:
-            literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
-                sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
-            if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > STATEMENT_MAX_BYTES:
-                statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
-                values, part, keys, size = [], [], [], 0
-            values.append(literal)
-            part.append(entry)
-            keys.append(sql_value(key_of(entry.row)))
-            size += len(literal) + 1
-        if values:
-            statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
-    return statements
-
-
-async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> None:
-    """Building the statements is pure Python, ~10 µs a row. It runs in a worker thread,
-    STATEMENT_MAX_ROWS rows at a time, while the previous statements execute: the
-    database never waits for the next one, and on the event loop request handlers (each
-    decoding a body in one go) would starve it under load and be held up by it. The GIL
-    hands over every `sys.getswitchinterval()`, so both keep moving. The buffer does not
-    touch a snapshot's rows while the flusher has it."""
-    statements, ready = trio.open_memory_channel[Statement](1)
-
-    async def build() -> None:
-        async with statements:
-            for i in range(0, len(entries), STATEMENT_MAX_ROWS):
-                part = entries[i:i + STATEMENT_MAX_ROWS]
-                for statement in await trio.to_thread.run_sync(upsert_statements, table, part):
-                    await statements.send(statement)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(build)
-            async with ready:
-                async for statement in ready:
-                    if statement.count_out is None:
-                        await conn.query(statement.sql)
-                        continue
-                    stored = await conn.query(statement.count_out)  # 0: none of the tasks was stored
-                    try:
-                        await conn.query(statement.sql)
-                    except trio_mysql.MySQLError as exc:
-                        if stored and exc.args and exc.args[0] in ROW_REFUSED:  # undone alone: count back in
-                            await conn.query(statement.count_in)
-                        raise
-                    await conn.query(statement.count_in if stored else statement.count_new)
-    except* DB_ERRORS as group:  # the nursery wraps what its body raised; callers expect it bare
-        raise group.exceptions[0] from None
-
-
-async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> list[tuple[Entry, str]]:
-    """upsert(), keeping out the rows the database refuses for what they hold. A refused
-    statement is undone alone and the transaction goes on, so the rows are tried again
-    in halves until each refused row stands alone. Returns those with the reason."""
-    try:
-        await upsert(conn, table, entries)
-        return []
-    except trio_mysql.MySQLError as exc:
-        if not (exc.args and exc.args[0] in ROW_REFUSED):
-            raise
-        if len(entries) == 1:
-            return [(entries[0], f"{exc.args[0]}: {exc.args[1]}")]
-    half = len(entries) // 2
-    return await upsert_isolating(conn, table, entries[:half]) + await upsert_isolating(conn, table, entries[half:])
-
-
-async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> Written:
-    """One transaction: sessions, then the tasks whose session exists. Returns the counts
-    written, the tasks held back because their session is not in the database, and the
-    rows the database refused."""
-    await conn.query("BEGIN")
-    refused_sessions = await upsert_isolating(conn, SESSIONS, list(snapshot.sessions.values()))
-    tasks = list(snapshot.tasks.values())
-    unknown = {e.row.session_id for e in tasks} - (snapshot.sessions.keys() - {e.row.session_id for e, _ in refused_sessions})
-    held: list[Entry] = []
-    if unknown:
-        async with conn.cursor() as cursor:
-            await cursor.execute(
-                "SELECT session_id FROM translation_sessions WHERE session_id IN ("
-                + ",".join(map(sql_value, unknown)) + ") LOCK IN SHARE MODE")
-            missing = unknown - {session_id for (session_id,) in await cursor.fetchall()}
-        if missing:
-            held = [e for e in tasks if e.row.session_id in missing]
-            tasks = [e for e in tasks if e.row.session_id not in missing]
-    refused_tasks = await upsert_isolating(conn, TASKS, tasks)
-    await conn.query("COMMIT")
-    return Written(len(snapshot.sessions) - len(refused_sessions), len(tasks) - len(refused_tasks), held,
-                   [(SESSIONS.name, e, why) for e, why in refused_sessions] + [(TASKS.name, e, why) for e, why in refused_tasks])
-
-
-def read_schema() -> str:
-    """The DDL that ships inside the package; a copy that cannot be read stops the start."""
-    package, name = SCHEMA_RESOURCE
-    try:
-        return importlib.resources.files(package).joinpath(name).read_text(encoding="utf-8")
-    except (OSError, ImportError) as exc:
-        raise Fatal(f"cannot read {name} from the installed package {package} ({exc}): reinstall persistd") from None
-
-
-def schema_statements(schema: str) -> list[str]:
-    text = "\n".join(line for line in schema.splitlines() if not line.startswith("--"))
-    return [sql for sql in text.split(";") if sql.strip()]
-
-
-async def ensure_schema(conn: trio_mysql.Connection, schema: str) -> None:
-    """Creates the tables that are missing."""
-    for sql in schema_statements(schema):
-        await conn.query(sql)
-
-
-async def ensure_counts(conn: trio_mysql.Connection) -> None:
-    """Counts the tasks when task_counts is empty while tasks exist: it was just created for
-    a database from before it, a recount was cut short, or an operator emptied it to have
-    it recounted."""
-    if await count(conn, "SELECT NOT EXISTS (SELECT 1 FROM task_counts) AND EXISTS (SELECT 1 FROM translation_tasks) AS n"):
-        started = trio.current_time()
-        await recount_tasks(conn)
-        event(logging.INFO, "recounted", "task_counts recounted in {seconds:.1f} s",
-              seconds=round(trio.current_time() - started, 3))
-
-
-async def recount_tasks(conn: trio_mysql.Connection) -> None:
-    """task_counts anew from the tasks, in one transaction. It reads every task (duration_ms
-    is in no index): 4.5 s for a million here, with the buffer pool cold."""
-    await conn.query("BEGIN")
-    await conn.query("DELETE FROM task_counts")
-    await conn.query(RECOUNT_TASKS)
-    await conn.query("COMMIT")
-
-
-SESSION_COLUMNS = ("session_id, filename, file_path, status, game_info, llm_provider, metadata, total_tasks,"
-                   " completed_tasks, failed_tasks, processing_tasks, created_at, updated_at")
-TASK_COLUMNS = ("task_id, session_id, batch_id, sheet_name, row_index, column_name, source_text, target_text,"
-                " context, status, confidence, error_message, retry_count, start_time, end_time, duration_ms,"
-                " created_at, updated_at")
-SHEET_ORDER = "sheet_name, row_index, column_name, task_id"
-DELETE_CHUNK_ROWS = 5000  # rows one DELETE statement removes: short locks for concurrent writes
-CLEANUP_CHUNK_SESSIONS = 100
-CLEANUP_WHERE = ("(status = 'completed' AND updated_at < %s)"
-                 " OR (status IN ('failed', 'cancelled') AND updated_at < %s)")
-SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at"}  # never request text in SQL
-ORDERS = {"asc": "ASC", "desc": "DESC"}
 # What the columns hold for a row that never carried an optional field.
 DB_DEFAULTS = {**{name: None for t in (SessionIn, TaskIn) for name in OPTIONAL_FIELDS[t]},
                "total_tasks": 0, "completed_tasks": 0, "failed_tasks": 0, "processing_tasks": 0, "retry_count": 0}
-
-
-def from_db(row: dict) -> dict:
-    """A row as the API shows it: times UTC-aware, JSON decoded, DECIMAL as float."""
-    for name in ("created_at", "updated_at", "start_time", "end_time"):
-        if row.get(name) is not None:
-            row[name] = row[name].replace(tzinfo=UTC)
-    for name in ("game_info", "metadata"):
-        if row.get(name) is not None:
-            row[name] = msgspec.json.decode(row[name])
-    if row.get("confidence") is not None:
-        row["confidence"] = float(row["confidence"])
-    return row
 
 
 def overlay(stored: dict | None, buffered: list[Entry]) -> dict | None:
@@ -2081,325 +1790,11 @@ def overlay(stored: dict | None, buffered: list[Entry]) -> dict | None:
     return state
 
 
-async def fetch(conn: trio_mysql.Connection, sql: str, *args: Any) -> list[dict]:
-    async with conn.cursor(trio_mysql.cursors.DictCursor) as cursor:
-        await cursor.execute(sql, args or None)
-        return [from_db(row) for row in await cursor.fetchall()]
-
-
-async def fetch_one(conn: trio_mysql.Connection, sql: str, *args: Any) -> dict | None:
-    rows = await fetch(conn, sql, *args)
-    return rows[0] if rows else None
-
-
-async def count(conn: trio_mysql.Connection, sql: str, *args: Any) -> int:
-    return int((await fetch_one(conn, sql, *args))["n"] or 0)
-
-
-def date_filters(q: SessionQuery | TaskQuery, where: list[str], args: list[Any]) -> None:
-    if q.from_date is not None:
-        where.append("created_at >= %s")
-        args.append(as_utc(q.from_date))
-    if q.to_date is not None:
-        where.append("created_at <= %s")
-        args.append(as_utc(q.to_date))
-
-
-def where_clause(where: list[str]) -> str:
-    return " WHERE " + " AND ".join(where) if where else ""
-
-
-async def list_sessions(conn: trio_mysql.Connection, q: SessionQuery) -> tuple[int, list[dict]]:
-    where, args = ([], [])
-    if q.status is not None:
-        where.append("status = %s")
-        args.append(q.status)
-    date_filters(q, where, args)
-    order = f"{SORT_COLUMNS[q.sort_by]} {ORDERS[q.order]}, session_id {ORDERS[q.order]}"
-    total = await count(conn, "SELECT COUNT(*) AS n FROM translation_sessions" + where_clause(where), *args)
-    page = f"SELECT session_id FROM translation_sessions{where_clause(where)} ORDER BY {order} LIMIT %s OFFSET %s"
-    rows = await fetch(conn, f"SELECT {SESSION_COLUMNS} FROM translation_sessions JOIN ({page}) AS page"
-                             f" USING (session_id) ORDER BY {order}", *args, q.page_size, (q.page - 1) * q.page_size)
-    return total, rows
-
-
-async def list_session_tasks(conn: trio_mysql.Connection, session_id: str, q: SessionTaskQuery) -> tuple[int, list[dict]]:
-    where, args = ["session_id = %s"], [session_id]
-    if q.status is not None:
-        where.append("status = %s")
-        args.append(q.status)
-    if q.sheet_name is not None:
-        where.append("sheet_name = %s")
-        args.append(q.sheet_name)
-    if q.sheet_name is None:
-        equal = {"session_id": session_id} | ({} if q.status is None else {"status": q.status})
-        total = await count_tasks(conn, equal, None, None)
-    else:  # not in task_counts: counted in the session's index
-        total = await count(conn, "SELECT COUNT(*) AS n FROM translation_tasks" + where_clause(where), *args)
-    rows = await fetch(conn, page_of_tasks(where, SHEET_ORDER), *args, q.page_size, (q.page - 1) * q.page_size)
-    return total, rows
-
-
-def page_of_tasks(where: list[str], order: str) -> str:
-    """A deferred join: the page's task_ids come from the index that has the order (the
-    OFFSET skips index entries, not rows), then only the page's rows are read."""
-    return (f"SELECT {TASK_COLUMNS} FROM translation_tasks JOIN (SELECT task_id FROM translation_tasks"
-            f"{where_clause(where)} ORDER BY {order} LIMIT %s OFFSET %s) AS page USING (task_id) ORDER BY {order}")
-
-
-async def list_tasks(conn: trio_mysql.Connection, q: TaskQuery) -> tuple[int, list[dict]]:
-    """Newest first; ties broken by task_id so pages never overlap or skip."""
-    where, args = ([], [])
-    equal = {name: value for name, value in (("session_id", q.session_id), ("status", q.status)) if value is not None}
-    for name, value in equal.items():
-        where.append(f"{name} = %s")
-        args.append(value)
-    date_filters(q, where, args)
-    total = await count_tasks(conn, equal, q.from_date, q.to_date)
-    rows = await fetch(conn, page_of_tasks(where, "created_at DESC, task_id DESC"),
-                       *args, q.page_size, (q.page - 1) * q.page_size)
-    return total, rows
-
-
-async def count_tasks(conn: trio_mysql.Connection, equal: dict[str, str], from_date: datetime | None,
-                      to_date: datetime | None) -> int:
-    """What COUNT(*) would say of the tasks whose columns hold `equal` (session_id, status)
-    and that were created from `from_date` to `to_date`, both included: the whole hours in
-    between summed from task_counts, the partial hours at the two ends counted in the
-    tasks' indexes (at most an hour of tasks at each end)."""
-    lowest, highest = as_utc(TIMESTAMP_MIN), as_utc(TIMESTAMP_MAX)
-    start = None if from_date is None else as_utc(from_date)
-    end = None if to_date is None else as_utc(to_date)
-    if (start is not None and start > highest) or (end is not None and end < lowest):
-        return 0
-    # [start, end) in whole seconds, the unit of created_at; no bound where none is needed.
-    start = None if start is None or start <= lowest else start + timedelta(microseconds=-start.microsecond % 10**6)
-    end = None if end is None or end >= highest else end.replace(microsecond=0) + timedelta(seconds=1)
-    first = None if start is None else hour_floor(start + timedelta(hours=1, seconds=-1))
-    last = None if end is None else hour_floor(end)
-    values = list(equal.values())
-    parts: list[str] = []
-    args: list[Any] = []
-
-    def between(table: str, what: str, column: str, low: datetime | None, high: datetime | None) -> None:
-        where = [f"{name} = %s" for name in equal]  # the names are ours, never request text
-        where += [f"{column} >= %s"] * (low is not None) + [f"{column} < %s"] * (high is not None)
-        parts.append(f"(SELECT {what} FROM {table}{where_clause(where)})")
-        args.extend(values + [low] * (low is not None) + [high] * (high is not None))
-
-    if first is not None and last is not None and first >= last:  # no whole hour in the range
-        between("translation_tasks", "COUNT(*)", "created_at", start, end)
-    else:
-        between("task_counts", "COALESCE(SUM(tasks), 0)", "created_hour", first, last)
-        if start is not None and start < first:
-            between("translation_tasks", "COUNT(*)", "created_at", start, first)
-        if end is not None and last < end:
-            between("translation_tasks", "COUNT(*)", "created_at", last, end)
-    return await count(conn, f"SELECT {' + '.join(parts)} AS n", *args)
-
-
-async def incomplete_sessions(conn: trio_mysql.Connection) -> list[dict]:
-    """Only the columns the answer shows: decoding game_info and metadata was half its time."""
-    return await fetch(conn, "SELECT session_id, filename, status, total_tasks, completed_tasks, failed_tasks,"
-                             " processing_tasks, created_at, updated_at FROM translation_sessions"
-                             " WHERE status IN ('pending', 'processing') ORDER BY created_at, session_id")
-
-
-# §5.2's task object, as the database writes it. Times are UTC on every connection.
-RESTORED_TASK_JSON = ("JSON_OBJECT('task_id', task_id, 'batch_id', batch_id, 'sheet_name', sheet_name,"
-                      " 'row_index', row_index, 'column_name', column_name, 'source_text', source_text,"
-                      " 'status', status, 'created_at', DATE_FORMAT(created_at, '%%Y-%%m-%%dT%%H:%%i:%%sZ'))")
-
-
-async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list[str]:
-    """The session's pending and processing tasks in sheet order, each the JSON text of its
-    §5.2 object. With thousands of rows trio_mysql's pure-Python parsing is most of the
-    time, and one column a row is a fifth less of it than eight (27 ms instead of 33 for
-    2,400 tasks). One JSON array for all of them would be less still, but it has to fit
-    max_allowed_packet, and 2,400 texts of up to 64 KB do not."""
-    async with conn.cursor() as cursor:
-        await cursor.execute(f"SELECT {RESTORED_TASK_JSON} FROM translation_tasks WHERE session_id = %s"
-                             f" AND status IN ('pending', 'processing') ORDER BY {SHEET_ORDER}", (session_id,))
-        return [task for (task,) in await cursor.fetchall()]
-
-
-async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> int:
-    """Deletes the tasks that match `where`, DELETE_CHUNK_ROWS at a time until none is left.
-    Each chunk is a transaction that locks its tasks, takes them out of task_counts and
-    deletes them: concurrent writes wait at most one chunk, and every commit leaves the
-    counts exact. (DELETE ... RETURNING would save a statement; MySQL 8 has none.)"""
-    deleted = 0
-    while True:
-        await conn.query("BEGIN")
-        async with conn.cursor() as cursor:
-            await cursor.execute(f"SELECT task_id FROM translation_tasks WHERE {where} ORDER BY task_id"
-                                 f" LIMIT {DELETE_CHUNK_ROWS} FOR UPDATE", args)
-            ids = [task_id for (task_id,) in await cursor.fetchall()]
-        if ids:
-            chunk = f"task_id IN ({','.join(map(sql_value, ids))})"
-            await conn.query(count_tasks_sql("-", chunk))
-            deleted += await conn.query(f"DELETE FROM translation_tasks WHERE {chunk}")
-        await conn.query("COMMIT")
-        if len(ids) < DELETE_CHUNK_ROWS:
-            return deleted
-
-
-async def delete_session(conn: trio_mysql.Connection, session_id: str, buffered_tasks: list[str]) -> tuple[bool, int]:
-    """Deletes a session and its tasks. Returns whether the session was stored and how many
-    tasks are gone: the stored ones and the buffered ones that were never written."""
-    unwritten = set(buffered_tasks)
-    for i in range(0, len(buffered_tasks), DELETE_CHUNK_ROWS):
-        chunk = buffered_tasks[i:i + DELETE_CHUNK_ROWS]
-        unwritten -= {r["task_id"] for r in await fetch(
-            conn, "SELECT task_id FROM translation_tasks WHERE task_id IN %s", chunk)}
-    deleted = await delete_tasks(conn, "session_id = %s", session_id)
-    async with conn.cursor() as cursor:
-        existed = await cursor.execute("DELETE FROM translation_sessions WHERE session_id = %s", (session_id,))
-    return bool(existed), deleted + len(unwritten)
-
-
 def cleanup_cutoffs(now: datetime, completed_days: int, failed_days: int) -> tuple[datetime, datetime]:
     """Naive UTC cut-offs: completed sessions older than completed_days, failed and
     cancelled ones older than failed_days (by their last update) are expired."""
     now = now.astimezone(UTC).replace(tzinfo=None)
     return now - timedelta(days=completed_days), now - timedelta(days=failed_days)
-
-
-async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime], dry_run: bool,
-                  stop: trio.Event | None = None) -> tuple[int, int]:
-    """Deletes expired sessions with their tasks, CLEANUP_CHUNK_SESSIONS sessions and
-    DELETE_CHUNK_ROWS tasks at a time, until none is left or `stop` is set. A dry run
-    counts the same rows and deletes none."""
-    if dry_run:
-        sessions = await count(conn, f"SELECT COUNT(*) AS n FROM translation_sessions WHERE {CLEANUP_WHERE}", *cutoffs)
-        tasks = await count(conn, "SELECT SUM(tasks) AS n FROM task_counts WHERE session_id IN"
-                                  f" (SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE})", *cutoffs)
-        return sessions, tasks
-    sessions = tasks = 0
-    while stop is None or not stop.is_set():
-        ids = [r["session_id"] for r in await fetch(
-            conn, f"SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE}"
-                  f" ORDER BY session_id LIMIT {CLEANUP_CHUNK_SESSIONS}", *cutoffs)]
-        if not ids:
-            return sessions, tasks
-        tasks += await delete_tasks(conn, "session_id IN %s", ids)
-        async with conn.cursor() as cursor:
-            sessions += await cursor.execute("DELETE FROM translation_sessions WHERE session_id IN %s", (ids,))
-    return sessions, tasks
-
-
-async def task_stats(conn: trio_mysql.Connection) -> list[dict]:
-    """The task half of the stats: one pass over task_counts' status index."""
-    return await fetch(conn, "SELECT status, SUM(tasks) AS n, SUM(duration_ms_sum) AS ms, SUM(durations) AS d"
-                             " FROM task_counts GROUP BY status")
-
-
-async def session_stats(conn: trio_mysql.Connection) -> tuple[list[dict], Any, dict[str, dict]]:
-    """The session half of the stats, far fewer rows, and the catalog's storage figures."""
-    by_status = await fetch(conn, "SELECT status, COUNT(*) AS n FROM translation_sessions GROUP BY status")
-    session_time = (await fetch_one(conn, "SELECT AVG(TIMESTAMPDIFF(SECOND, created_at, updated_at)) AS s"
-                                          " FROM translation_sessions WHERE status = 'completed'"))["s"]
-    catalog = {r["name"]: r for r in await fetch(
-        conn, "SELECT table_name AS name, table_rows AS n, data_length + index_length AS bytes"
-              " FROM information_schema.tables WHERE table_schema = DATABASE()")}
-    return by_status, session_time, catalog
-
-
-def stats_from(task_rows: list[dict], session_rows: list[dict], session_time: Any, catalog: dict[str, dict]) -> Stats:
-    by_status = {}
-    for table, rows, statuses in (("sessions", session_rows, typing.get_args(SessionStatus)),
-                                  ("tasks", task_rows, typing.get_args(TaskStatus))):
-        counts = {r["status"]: int(r["n"]) for r in rows}
-        by_status[table] = {"total": sum(counts.values()), **{s: counts.get(s, 0) for s in statuses}}
-    tasks = by_status["tasks"]
-    completed = next((r for r in task_rows if r["status"] == "completed" and r["d"]), None)
-    finished = tasks["completed"] + tasks["failed"]
-    return Stats(
-        sessions=by_status["sessions"], tasks=tasks,
-        performance=Performance(
-            average_session_time=None if session_time is None else round(float(session_time), 1),
-            average_task_time=None if completed is None else round(float(completed["ms"] / completed["d"]) / 1000, 3),
-            success_rate=round(100 * tasks["completed"] / finished, 1) if finished else None),
-        storage=Storage(
-            database_size_mb=round(sum(int(r["bytes"] or 0) for r in catalog.values()) / 2**20, 1),
-            sessions_table_rows=int(catalog.get("translation_sessions", {}).get("n") or 0),
-            tasks_table_rows=int(catalog.get("translation_tasks", {}).get("n") or 0)))
-
-
-class Database:
-    """Connection factory and a small pool for short reads. The flusher keeps its own
-    connection. After any error or cancellation a connection is thrown away, never
-    reused: trio_mysql cannot recover one that was interrupted mid-read."""
-
-    def __init__(self, cfg: DatabaseConfig) -> None:
-        self.cfg = cfg
-        self.params = parse_database_url(cfg.url)
-        self._idle: list[trio_mysql.Connection] = []
-        self._limiter = trio.CapacityLimiter(cfg.pool_size)
-        self.unreachable_since: float | None = None  # as reads and /health's pings found it
-
-    def answered(self, error: str | None = None) -> None:
-        """What a read or a ping found: the log tells when that changes, not at every request."""
-        if error is not None and self.unreachable_since is None:
-            self.unreachable_since = time.monotonic()
-            event(logging.WARNING, "database_unreachable", "the database does not answer reads: {error}", error=error)
-        elif error is None and self.unreachable_since is not None:
-            event(logging.INFO, "database_reachable", "the database answers reads again after {seconds:.1f} s",
-                  seconds=round(time.monotonic() - self.unreachable_since, 3))
-            self.unreachable_since = None
-
-    async def _open(self, **params: Any) -> trio_mysql.Connection:
-        conn = trio_mysql.connect(charset="utf8mb4", use_unicode=True, autocommit=True,
-                                  init_command=SESSION_SETUP, **params)
-        await conn.connect()
-        return conn
-
-    async def connect(self, *, create: bool = False) -> trio_mysql.Connection:
-        """A new connection; with `create`, the database is created when missing."""
-        with trio.fail_after(self.cfg.connect_timeout):
-            try:
-                return await self._open(**self.params)
-            except trio_mysql.OperationalError as exc:
-                if not create or exc.args[0] != ER_BAD_DB_ERROR:
-                    raise
-            server = await self._open(**{**self.params, "database": None})
-            try:
-                name = self.params["database"].replace("`", "``")
-                await server.query(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-            finally:
-                server.close()
-            return await self._open(**self.params)
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> typing.AsyncIterator[trio_mysql.Connection]:
-        async with self._limiter:
-            conn = self._idle.pop() if self._idle else await self.connect()
-            try:
-                yield conn
-            except BaseException:
-                # After an outage every idle connection is dead too: none is reused.
-                conn.close()
-                self.close()
-                raise
-            self._idle.append(conn)
-
-    async def ping(self) -> bool:
-        error = f"no answer within {self.cfg.ping_timeout:g} s"
-        with trio.move_on_after(self.cfg.ping_timeout):
-            for _ in range(2):  # a pooled connection may have died with an outage
-                try:
-                    async with self.connection() as conn:
-                        await conn.query("SELECT 1")
-                    self.answered()
-                    return True
-                except DB_ERRORS as exc:
-                    error = describe(exc)
-        self.answered(error)
-        return False
-
-    def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
 
 
 # ── messages between actors ──────────────────────────────────────────────────────────
@@ -2950,13 +2345,6 @@ def _typed_enums(node: Any) -> None:
             _typed_enums(v)
 
 
-def _check_restored_task() -> None:
-    keys = re.findall(r"'(\w+)', ", RESTORED_TASK_JSON)
-    fields = [f.name for f in msgspec.structs.fields(RestoredTask)]
-    if keys != fields:
-        raise ValueError(f"RestoredTask {fields} differs from RESTORED_TASK_JSON {keys}")
-
-
 # ── the document ─────────────────────────────────────────────────────────────────────
 
 
@@ -3016,7 +2404,6 @@ def openapi_document(url_map: Any, *, security: bool, metrics_scope: str | None 
 
     security: whether authentication is on (401/403 and the security schemes appear);
     metrics_scope: None when /api/v1/system/metrics is open, else the scope it needs."""
-    _check_restored_task()
     rules = [r for r in url_map.iter_rules() if r.endpoint not in NOT_IN_DOCUMENT]
     documented, routed = set(OPERATIONS), {r.endpoint for r in rules}
     if documented != routed:
@@ -3215,7 +2602,7 @@ ROUTE_SCOPES = {
 }
 
 
-def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics,
+def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metrics: Metrics,
                auth: Auth) -> QuartTrio:
     app = QuartTrio("persistd", static_folder=None)  # no /static/<path> route
     app.url_map.converters["id"] = IdConverter
@@ -3313,20 +2700,28 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         if await ask(flush_request, timeout=cfg.buffer.flush_timeout) is None:
             raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))
 
+    reach = Reachability()
+
     async def read(fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any, timeout: float | None = None) -> Any:
+        """A store operation for a request: 503 DATABASE_UNAVAILABLE when the database does
+        not answer within read_timeout."""
         try:
             with trio.fail_after(timeout or cfg.database.read_timeout):
-                try:
-                    async with db.connection() as conn:
-                        result = await fn(conn, *args)
-                except DB_UNAVAILABLE:  # a pooled connection may have died with an outage; reads are idempotent
-                    async with db.connection() as conn:
-                        result = await fn(conn, *args)
-            db.answered()
+                result = await fn(*args)
+            reach.answered()
             return result
-        except DB_UNAVAILABLE as exc:
-            db.answered(describe(exc))
+        except store.unavailable as exc:
+            reach.answered(describe(exc))
             raise ApiError(503, "DATABASE_UNAVAILABLE", "The database did not answer; retry later") from None
+
+    async def ping() -> bool:
+        try:
+            await store.ping()
+        except store.errors as exc:
+            reach.answered(describe(exc))
+            return False
+        reach.answered()
+        return True
 
     def params(type_: type) -> Any:
         repeated = [name for name in request.args if len(request.args.getlist(name)) > 1]
@@ -3356,21 +2751,20 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         return json_response(200, FlushAnswer(
             "flushed", waiter.sessions_written, waiter.tasks_written, duration_ms, status.held_tasks))
 
-    async def latest(key: str, row_id: str, sql: str) -> dict | None:
+    async def latest(key: str, row_id: str, stored: typing.Callable[[str], typing.Awaitable[dict | None]]) -> dict | None:
         buffered = await ask(Lookup, key, row_id)
-        return overlay(await read(fetch_one, sql, row_id), buffered)
+        return overlay(await read(stored, row_id), buffered)
 
     @app.get("/api/v1/translation/sessions")
     async def sessions_list() -> Response:
         q = params(SessionQuery)
-        total, rows = await read(list_sessions, q)
+        total, rows = await read(store.list_sessions, q)
         return json_response(200, SessionPage(total, q.page, q.page_size, total_pages(total, q.page_size),
                                               [msgspec.convert(with_derived(r), SessionSummary) for r in rows]))
 
     @app.get("/api/v1/translation/sessions/<id:session_id>")
     async def session_detail(session_id: str) -> Response:
-        state = await latest("sessions", session_id,
-                             f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s")
+        state = await latest("sessions", session_id, store.session)
         if state is None:
             raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
         return json_response(200, msgspec.convert(with_derived(state), SessionDetail))
@@ -3378,15 +2772,15 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     @app.get("/api/v1/translation/sessions/<id:session_id>/tasks")
     async def session_tasks(session_id: str) -> Response:
         q = params(SessionTaskQuery)
-        if await latest("sessions", session_id, "SELECT session_id FROM translation_sessions WHERE session_id = %s") is None:
+        if not (await ask(Lookup, "sessions", session_id) or await read(store.has_session, session_id)):
             raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
-        total, rows = await read(list_session_tasks, session_id, q)
+        total, rows = await read(store.list_session_tasks, session_id, q)
         return json_response(200, SessionTaskPage(session_id, total, q.page, q.page_size, total_pages(total, q.page_size),
                                                   [msgspec.convert(r, TaskItem) for r in rows]))
 
     @app.get("/api/v1/translation/tasks/<id:task_id>")
     async def task_detail(task_id: str) -> Response:
-        state = await latest("tasks", task_id, f"SELECT {TASK_COLUMNS} FROM translation_tasks WHERE task_id = %s")
+        state = await latest("tasks", task_id, store.task)
         if state is None:
             raise ApiError(404, "NOT_FOUND", "Task not found", task_id=task_id)
         return json_response(200, msgspec.convert(state, TaskDetail))
@@ -3394,28 +2788,27 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
     @app.get("/api/v1/translation/tasks")
     async def tasks_list() -> Response:
         q = params(TaskQuery)
-        total, rows = await read(list_tasks, q)
+        total, rows = await read(store.list_tasks, q)
         return json_response(200, TaskPage(total, q.page, q.page_size, total_pages(total, q.page_size),
                                            [msgspec.convert(r, TaskDetail) for r in rows]))
 
     @app.get("/api/v1/translation/recovery/incomplete-sessions")
     async def recovery_incomplete() -> Response:
         await write_out()
-        rows = await read(incomplete_sessions)
+        rows = await read(store.incomplete_sessions)
         return json_response(200, IncompleteSessions(
             len(rows), [msgspec.convert(with_derived(r), IncompleteSession) for r in rows]))
 
     @app.post("/api/v1/translation/recovery/restore/<id:session_id>")
     async def recovery_restore(session_id: str) -> Response:
         await write_out()
-        stored = await read(fetch_one, f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s",
-                            session_id)
+        stored = await read(store.session, session_id)
         if stored is None:
             raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
-        tasks = await read(unfinished_tasks, session_id)
+        tasks = await read(store.unfinished_tasks, session_id)
         return json_response(200, Restored(
             session_id, msgspec.convert(with_derived(stored), RestoredSession), len(tasks),
-            msgspec.Raw(f"[{','.join(tasks)}]".encode()), utc_now()))
+            msgspec.Raw(b"[" + b",".join(tasks) + b"]"), utc_now()))
 
     @app.delete("/api/v1/translation/sessions/<id:session_id>")
     async def session_delete(session_id: str) -> Response:
@@ -3423,7 +2816,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         if forgotten is None:
             raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))
         had_session, dropped = forgotten
-        existed, deleted_tasks = await read(delete_session, session_id, dropped)
+        existed, deleted_tasks = await read(store.delete_session, session_id, dropped)
         if not (existed or had_session or dropped):
             raise ApiError(404, "NOT_FOUND", "Session not found", session_id=session_id)
         return json_response(200, DeletedSession("deleted", session_id, deleted_tasks))
@@ -3434,7 +2827,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         q = decode_body(CleanupIn, body) if body.strip(JSON_WHITESPACE) else CleanupIn()
         await write_out()  # a session's latest update may still be buffered: it is not expired
         cutoffs = cleanup_cutoffs(utc_now(), q.completed_days, q.failed_days)
-        sessions, tasks = await read(cleanup, cutoffs, q.dry_run, timeout=math.inf)
+        sessions, tasks = await read(store.cleanup, cutoffs, q.dry_run, timeout=math.inf)
         return json_response(200, CleanupOut("completed", sessions, tasks, q.dry_run))
 
     stats_cache: list[Any] = [None, -math.inf]  # (Stats, trio time read)
@@ -3447,31 +2840,17 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         if trio.current_time() - stats_cache[1] > STATS_CACHE_S and not (stats_lock.locked() and stats_cache[0]):
             async with stats_lock:
                 if trio.current_time() - stats_cache[1] > STATS_CACHE_S:
-                    stats_cache[:] = [await read_stats(), trio.current_time()]
+                    stats_cache[:] = [await read(store.stats), trio.current_time()]
         return json_response(200, stats_cache[0])
-
-    async def read_stats() -> Stats:
-        """The two halves at once, on two pooled connections: about 5 ms each over a million
-        tasks. A 503 of either leaves the nursery in an exception group, which quart-trio
-        answers with the handler of its first member that has one."""
-        task_rows: list[dict] = []
-
-        async def task_half() -> None:
-            task_rows.extend(await read(task_stats))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(task_half)
-            sessions = await read(session_stats)
-        return stats_from(task_rows, *sessions)
 
     @app.get("/health")
     async def health() -> Response:
         status = await ask(Status)
-        db_ok = await db.ping()
+        db_ok = await ping()
         healthy = db_ok and status.last_error is None
         return json_response(200 if healthy else 503, Health(
             "healthy" if healthy else "degraded", "healthy" if db_ok else "unhealthy",
-            status.health, int(time.monotonic() - started), VERSION))
+            status.health, int(time.monotonic() - started), VERSION, store.backend))
 
     @app.get("/api/v1/system/metrics")
     async def system_metrics() -> Response:
@@ -3484,7 +2863,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, met
         metrics.oldest_unwritten.set(status.health.oldest_unwritten_seconds or 0)
         metrics.flush_failures_in_a_row.set(status.failures)
         metrics.backpressure.set(status.refusing)
-        metrics.database_up.set(await db.ping())
+        metrics.database_up.set(await ping())
         return Response(prometheus_client.generate_latest(metrics.registry), content_type=PROMETHEUS_CONTENT_TYPE)
 
     document = openapi_document(app.url_map, security=auth.on, metrics_scope=scopes.get("system_metrics"))
@@ -3609,7 +2988,7 @@ def connection_cap(max_connections: int) -> int:
 # ── actors ───────────────────────────────────────────────────────────────────────────
 
 
-async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Database, metrics: Metrics, auth: Auth,
+async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metrics: Metrics, auth: Auth,
                      shutdown_trigger: typing.Callable[[], typing.Awaitable[Any]],
                      *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serves the API until `shutdown_trigger` returns and in-flight requests have
@@ -3625,7 +3004,7 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, db: Databas
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.persistd_connections = trio.CapacityLimiter(connection_cap(cfg.server.max_connections))
-    app = guard(create_app(cfg, to_buffer, db, metrics, auth), cfg.server.max_body_bytes, cfg.server.max_inflight_bytes)
+    app = guard(create_app(cfg, to_buffer, store, metrics, auth), cfg.server.max_body_bytes, cfg.server.max_inflight_bytes)
     async with to_buffer:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(functools.partial(
@@ -3818,46 +3197,29 @@ async def journal_actor(journal: Journal, inbox: trio.MemoryReceiveChannel) -> N
     journal.close()
 
 
-async def connect_writer(db: Database, schema: str) -> trio_mysql.Connection:
-    """A connection for the flusher, with the database and its tables created when missing."""
-    conn = await db.connect(create=True)
-    try:
-        await ensure_schema(conn, schema)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-async def flusher_actor(db: Database, schema: str, conn: trio_mysql.Connection | None,
-                        jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel, metrics: Metrics) -> None:
+async def flusher_actor(store: Any, jobs: trio.MemoryReceiveChannel, results: trio.MemorySendChannel,
+                        metrics: Metrics) -> None:
     """Writes each job's snapshot in one transaction and reports Written or Failed, and
-    whether retrying can help. One dedicated connection (`conn`: run() opened it at start
-    if the database answered), replaced after any failure. No policy lives here."""
+    whether retrying can help. The store's writer connection is this actor's alone (run()
+    opened it at start if the database answered); the store replaces it after a failure.
+    No policy lives here."""
     async with jobs, results:
-        if conn is not None:  # before the first write, while requests are accepted
-            try:
-                await ensure_counts(conn)
-            except DB_ERRORS:  # the first job connects again and reports what it finds
-                conn.close()
-                conn = None
+        try:  # before the first write, while requests are accepted
+            if (seconds := await store.recount_if_needed()) is not None:
+                event(logging.INFO, "recounted", "task_counts recounted in {seconds:.1f} s", seconds=round(seconds, 3))
+        except store.errors:  # the first job connects again and reports what it finds
+            pass
         async for snapshot, scope in jobs:
             started = trio.current_time()
             outcome: Written | Failed | None = None
             with scope:
                 try:
-                    if conn is None:
-                        conn = await connect_writer(db, schema)
-                        await ensure_counts(conn)
-                    outcome = await write_snapshot(conn, snapshot)
-                except DB_ERRORS as exc:
-                    outcome = Failed(describe(exc), transient(exc))
+                    outcome = await store.write(snapshot)
+                except store.errors as exc:
+                    outcome = Failed(describe(exc), store.transient(exc))
             if outcome is None:
                 outcome = Failed(f"gave up after {trio.current_time() - started:.1f} s", True)
             if isinstance(outcome, Failed):
-                if conn is not None:
-                    conn.close()
-                    conn = None
                 metrics.flush_errors.inc()
             else:
                 metrics.flushes.inc()
@@ -3865,11 +3227,9 @@ async def flusher_actor(db: Database, schema: str, conn: trio_mysql.Connection |
                 metrics.rows_written.labels("session").inc(outcome.sessions)
                 metrics.rows_written.labels("task").inc(outcome.tasks)
             await results.send(outcome)
-    if conn is not None:
-        conn.close()
 
 
-async def janitor_actor(cfg: Config, db: Database, to_buffer: trio.MemorySendChannel, stop: trio.Event) -> None:
+async def janitor_actor(cfg: Config, store: Any, to_buffer: trio.MemorySendChannel, stop: trio.Event) -> None:
     """Runs the retention cleanup of POST /sessions/cleanup every `[janitor] interval`
     seconds until `stop`; a run in progress stops after its current chunk. Like the
     endpoint, it first has the buffer write out: a session's latest update may be there."""
@@ -3886,18 +3246,17 @@ async def janitor_actor(cfg: Config, db: Database, to_buffer: trio.MemorySendCha
                 event(logging.WARNING, "cleanup_skipped", "cleanup skipped: the buffer could not be written out;"
                       " next run in {interval:g} s", interval=cfg.janitor.interval)
                 continue
-            await janitor_run(cfg, db, stop)
+            await janitor_run(cfg, store, stop)
 
 
-async def janitor_run(cfg: Config, db: Database, stop: trio.Event) -> None:
+async def janitor_run(cfg: Config, store: Any, stop: trio.Event) -> None:
     cutoffs = cleanup_cutoffs(utc_now(), cfg.janitor.completed_days, cfg.janitor.failed_days)
     started = trio.current_time()
     try:
-        async with db.connection() as conn:
-            sessions, tasks = await cleanup(conn, cutoffs, False, stop)
+        sessions, tasks = await store.cleanup(cutoffs, False, stop)
         event(logging.INFO, "cleanup", "cleanup: {sessions} sessions and {tasks} tasks deleted in {seconds:.1f} s",
               sessions=sessions, tasks=tasks, seconds=round(trio.current_time() - started, 3))
-    except DB_ERRORS as exc:
+    except store.errors as exc:
         event(logging.WARNING, "cleanup_failed", "cleanup failed, next run in {interval:g} s: {error}",
               interval=cfg.janitor.interval, error=describe(exc))
 
@@ -3918,7 +3277,7 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
         try:
             key, entries, nbytes = journal.batch(seq, kind, payload)
         except (ApiError, msgspec.ValidationError) as exc:
-            table = SESSIONS.name if kind == SESSIONS_BATCH else TASKS.name
+            table = "translation_sessions" if kind == SESSIONS_BATCH else "translation_tasks"
             dead_letters.write_body("refused_at_replay", table, payload, str(exc))
             continue
         while not await ask_buffer(to_buffer, Room, len(entries), nbytes):
@@ -3964,20 +3323,18 @@ def check_state_dir(path: Path) -> None:
         raise Fatal(f"state dir {path} cannot be written: {exc.strerror or exc}") from None
 
 
-async def open_writer(db: Database, schema: str) -> trio_mysql.Connection | None:
+async def open_writer(store: Any, url: str) -> None:
     """The flusher's connection, opened before the daemon listens, with the tables in place.
     A database that does not answer yet is an outage: batches are accepted and written
     once it does. One that answers and refuses (a bad password, no privilege to create
     the tables) would refuse every write too: that is Fatal, before anything is accepted."""
     try:
-        with trio.fail_after(db.cfg.connect_timeout + db.cfg.write_timeout):  # a DDL waiting for a lock
-            return await connect_writer(db, schema)
-    except DB_ERRORS as exc:
-        if not transient(exc):
-            raise Fatal(f"the database {masked_url(db.cfg.url)} refuses persistd: {describe(exc)}") from None
+        await store.open()
+    except store.errors as exc:
+        if not store.transient(exc):
+            raise Fatal(f"the database {masked_url(url)} refuses persistd: {describe(exc)}") from None
         event(logging.WARNING, "database_unreachable_at_start", "the database does not answer yet; batches are"
               " accepted and written once it does: {error}", error=describe(exc))
-        return None
 
 
 async def systemd_actor(notifier: Notifier, to_buffer: trio.MemorySendChannel, ready: trio.Event,
@@ -4017,14 +3374,14 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
     so tests can start it in-process on port 0. `notifier` speaks to systemd."""
     started = trio.current_time()
     notifier = notifier or Notifier({})
-    schema = read_schema()
+    store = open_store(cfg.database)  # reads its schema: a copy missing from the package stops the start
     state_dir = Path(cfg.state.dir)
     await trio.to_thread.run_sync(check_state_dir, state_dir)
     event(logging.INFO, "starting", "persistd {version} starting: database {database}, state dir {state_dir},"
           " journal {journal}", version=VERSION, database=masked_url(cfg.database.url),
           state_dir=str(state_dir.resolve()), journal=cfg.journal.mode)
     metrics = Metrics()
-    db = Database(cfg.database)
+    metrics.backend.labels(store.backend).set(1)
     dead_letters = DeadLetters(state_dir / "dead-letter.jsonl", metrics)
     journal = None
     if cfg.journal.mode == "off" and any((state_dir / "journal").glob("*.journal")):
@@ -4041,7 +3398,7 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
         event(logging.WARNING, "auth_off", "listening on {host} with auth off: anyone who reaches the port may"
               " write, read and delete; set [auth] keys_file or [auth.jwt] key_file", host=cfg.server.host)
     notifier.send("STATUS=connecting to the database")
-    writer = await open_writer(db, schema)
+    await open_writer(store, cfg.database.url)
     to_buffer, buffer_inbox = trio.open_memory_channel(INBOX_SIZE)
     to_flusher, flusher_inbox = trio.open_memory_channel(1)
     # Unbounded: every message in it stands for rows the buffer already counts against its limits.
@@ -4049,7 +3406,7 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
     ready = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(flusher_actor, db, schema, writer, flusher_inbox, to_buffer.clone(), metrics)
+            nursery.start_soon(flusher_actor, store, flusher_inbox, to_buffer.clone(), metrics)
             if journal is not None:
                 nursery.start_soon(journal_actor, journal, journal_inbox)
             nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters)
@@ -4057,10 +3414,10 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
                 nursery.start_soon(systemd_actor, notifier, to_buffer.clone(), ready, stop)
             if journal is not None:
                 await replay(journal, to_buffer, dead_letters, metrics, stop)
-            nursery.start_soon(janitor_actor, cfg, db, to_buffer.clone(), stop)
+            nursery.start_soon(janitor_actor, cfg, store, to_buffer.clone(), stop)
             if auth.on:
                 nursery.start_soon(keys_actor, auth, stop)
-            port = await nursery.start(http_actor, cfg, to_buffer, db, metrics, auth, stop.wait)
+            port = await nursery.start(http_actor, cfg, to_buffer, store, metrics, auth, stop.wait)
             if not stop.is_set():  # (a signal during the replay: hypercorn stops as it starts)
                 ready.set()
                 notifier.send("READY=1", f"STATUS=listening on {cfg.server.host}:{port}")
@@ -4068,7 +3425,7 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
                       host=cfg.server.host, port=port, seconds=round(trio.current_time() - started, 3))
             task_status.started(port)
     finally:
-        db.close()
+        store.close()
 
 
 async def serve_until_signalled(cfg: Config) -> None:
@@ -4094,20 +3451,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file (see persistd.toml); built-in defaults without it")
     parser.add_argument("--check-config", metavar="FILE", help="validate FILE with the environment's overrides,"
                         " print the effective configuration (secrets masked) and exit: 0, or 2 when invalid")
-    parser.add_argument("--print-schema", action="store_true", help="print the DDL persistd applies and exit")
+    parser.add_argument("--print-schema", action="store_true", help="print the DDL persistd applies to the"
+                        " configured database (--config) and exit")
     parser.add_argument("--new-key", nargs=2, metavar=("NAME", "SCOPES"), help="make an API key for a client"
                         " (SCOPES: read,write,admin, comma-separated), print it and its line for [auth] keys_file")
     parser.add_argument("--version", action="version", version=f"persistd {VERSION}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    copy = commands.add_parser("copy-data", help="copy every session and task to another database", description=(
+        "Copy every session and task from one database to another (sqlite:///... to mysql://... as a deployment"
+        " grows), in chunks; run it again after an interruption to go on where it stopped. Checks the row"
+        " counts at the end: exit 0 when they match, 1 otherwise. Stop persistd first."))
+    copy.add_argument("from_url")
+    copy.add_argument("to_url")
     args = parser.parse_args(argv)
     try:
-        if args.print_schema:
-            print(read_schema(), end="")
-            return
+        if args.command == "copy-data":
+            sys.exit(trio.run(copy_data, args.from_url, args.to_url))
         if args.new_key:
             key, line = new_key(*args.new_key)
             print(f"key (give it to the client; it is not stored): {key}\nline for the keys file: {line}")
             return
         cfg = load_config(args.check_config or args.config, os.environ)
+        if args.print_schema:
+            print(open_store(cfg.database).schema, end="")
+            return
     except ConfigError as exc:
         print(f"persistd: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -4115,7 +3482,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"persistd: {exc}", file=sys.stderr)
         sys.exit(1)
     if args.check_config:
-        print(config_toml(cfg), end="")
+        print(f"# backend: {backend_of(cfg.database.url)}\n{config_toml(cfg)}", end="")
         return
     setup_logging(cfg.log)
     prometheus_client.disable_created_metrics()
@@ -4129,6 +3496,28 @@ def main(argv: list[str] | None = None) -> None:
     except* (Fatal, OSError) as group:  # e.g. the port is taken, the journal cannot be written
         event(logging.CRITICAL, "fatal", "{error}", error=str(first_leaf(group)))
         sys.exit(1)
+
+
+async def copy_data(from_url: str, to_url: str) -> int:
+    """`persistd copy-data`: progress and the verdict on stderr, one line each."""
+    from persistd import storage
+
+    def say(line: str) -> None:
+        print(f"persistd copy-data: {line}", file=sys.stderr, flush=True)
+
+    source, target = (open_store(DatabaseConfig(url=url)) for url in (from_url, to_url))
+    try:
+        counts = await storage.copy_data(source, target, say)
+    except (*source.errors, *target.errors) as exc:
+        raise Fatal(f"copy-data stopped (run it again to go on): {describe(exc)}") from None
+    finally:
+        source.close()
+        target.close()
+    for table, (copied_from, copied_to) in counts.items():
+        say(f"{table}: {copied_from} rows in {masked_url(from_url)}, {copied_to} in {masked_url(to_url)}")
+    same = all(a == b for a, b in counts.values())
+    say("done: the counts match" if same else "the counts differ: the target held other rows, or the source changed")
+    return 0 if same else 1
 
 
 def first_leaf(group: BaseException) -> BaseException:

@@ -1,9 +1,17 @@
-"""Shared fixtures: the real MariaDB/MySQL at PERSISTD_TEST_DATABASE_URL, and persistd
-started in-process by `run()` on a free port, spoken to over real HTTP."""
+"""Shared fixtures: the database of each backend, and persistd started in-process by `run()`
+on a free port, spoken to over real HTTP.
+
+Every test that takes the `db` fixture runs once per backend: SQLite (a file in the test's
+tmp_path) always, and MySQL/MariaDB too when PERSISTD_TEST_DATABASE_URL names one (.ci/run
+sets it). Tests marked `mysql` exercise what only a server has (its privileges, a proxy
+that cuts the connection, its statements); they run only when the variable is set, and
+are reported as deselected otherwise, never skipped."""
 
 import hashlib
 import os
+import sqlite3
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -11,10 +19,25 @@ import msgspec
 import pytest
 import trio
 
-from persistd.daemon import (Config, Database, DatabaseConfig, DeadLetters, Metrics, SessionIn, TaskIn, Write,
-                             buffer_actor, ensure_schema, read_schema, recount_tasks, run)
+from persistd.daemon import Config, DatabaseConfig, DeadLetters, Metrics, SessionIn, TaskIn, Write, buffer_actor, run
 
-DATABASE_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "mysql://root@127.0.0.1:3306/persistd_test")
+MYSQL_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "")
+BACKENDS = ["sqlite", "mysql"] if MYSQL_URL else ["sqlite"]
+_current: dict[str, str] = {}  # the url of the database the running test's `db` fixture opened
+
+
+def database_url(tmp_path) -> str:
+    """The database a test's daemon writes to: the `db` fixture's, or a SQLite file in
+    tmp_path for a test without one."""
+    return _current.get("url") or f"sqlite:///{tmp_path / 'persistd.db'}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not MYSQL_URL:
+        mysql_only = [item for item in items if item.get_closest_marker("mysql")]
+        if mysql_only:
+            config.hook.pytest_deselected(items=mysql_only)
+            items[:] = [item for item in items if not item.get_closest_marker("mysql")]
 
 # Spec §1.3, every route there is; {id} stands for any placeholder name.
 SPEC_ROUTES = {
@@ -28,10 +51,10 @@ SPEC_ROUTES = {
 
 
 def make_config(tmp_path, **sections) -> Config:
-    """A test config: port 0, the test database, a private state dir, fast flushes."""
+    """A test config: port 0, the test's database (database_url), a private state dir, fast flushes."""
     base = {
         "server": {"port": 0, "graceful_timeout": 0.5},
-        "database": {"url": DATABASE_URL, "connect_timeout": 2, "ping_timeout": 1},
+        "database": {"url": database_url(tmp_path), "connect_timeout": 2, "ping_timeout": 1},
         "buffer": {"flush_interval": 0.2, "flush_timeout": 5, "shutdown_timeout": 5, "retry_max": 0.5},
         "state": {"dir": str(tmp_path / "state")},
     }
@@ -44,23 +67,90 @@ def make_config(tmp_path, **sections) -> Config:
 # whenever persistd has kept the counts exact.
 KEPT_COUNTS = ("SELECT session_id, status, created_hour, tasks, duration_ms_sum, durations FROM task_counts"
                " WHERE tasks <> 0 OR duration_ms_sum <> 0 OR durations <> 0 ORDER BY 1, 2, 3")
-RECOUNTED = ("SELECT session_id, status, TIMESTAMP(DATE_FORMAT(created_at, '%Y-%m-%d %H:00:00')), COUNT(*),"
-             " COALESCE(SUM(duration_ms), 0), COUNT(duration_ms) FROM translation_tasks GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+RECOUNT = ("SELECT session_id, status, {hour} AS created_hour, COUNT(*), COALESCE(SUM(duration_ms), 0),"
+           " COUNT(duration_ms) FROM translation_tasks GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
 
 
-class Db:
-    """Direct SQL for setting up and checking what persistd wrote."""
+class MysqlDb:
+    """Direct SQL for setting up and checking what persistd wrote (MySQL)."""
 
-    def __init__(self, url: str = DATABASE_URL) -> None:
-        self.database = Database(msgspec.convert({"url": url}, DatabaseConfig))
+    backend = "mysql"
+    RECOUNTED = RECOUNT.format(hour="TIMESTAMP(DATE_FORMAT(created_at, '%Y-%m-%d %H:00:00'))")
+
+    def __init__(self, url: str = MYSQL_URL) -> None:
+        from persistd.mysql import MySQLStore
+        self.url = url
+        self.store = MySQLStore(msgspec.convert({"url": url}, DatabaseConfig))
 
     async def query(self, sql: str, *args):
-        async with self.database.connection() as conn:
+        async with self.store.db.connection() as conn:
             async with conn.cursor() as cursor:
                 await cursor.execute(sql, args or None)
                 return await cursor.fetchall()
 
-    async def insert(self, table: str, rows: list[dict], chunk: int = 1000) -> None:
+    async def reset(self) -> None:
+        await self.store.open()
+        for table in ("task_counts", "translation_tasks", "translation_sessions"):
+            await self.store.writer.query(f"DELETE FROM {table}")
+        self.store.close_writer()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def naive_utc(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+
+
+class SqliteDb:
+    """The same for SQLite: `%s` placeholders become `?`, datetimes the INTEGER seconds the
+    columns hold, and the time columns come back as naive UTC datetimes, as from MySQL."""
+
+    backend = "sqlite"
+    RECOUNTED = RECOUNT.format(hour="created_at / 3600 * 3600")
+    TIMES = ("created_at", "updated_at", "start_time", "end_time", "created_hour")
+
+    def __init__(self, path) -> None:
+        from persistd.sqlite import SQLiteStore
+        self.url = f"sqlite:///{path}"
+        self.store = SQLiteStore(msgspec.convert({"url": self.url}, DatabaseConfig))
+
+    async def query(self, sql: str, *args):
+        from persistd.sqlite import db_args
+
+        def run_query():
+            conn = sqlite3.connect(self.store.path, isolation_level=None)
+            try:
+                cursor = conn.execute("PRAGMA foreign_keys = ON")
+                cursor = conn.execute(sql.replace("%s", "?"), db_args(list(args)))
+                names = [c[0] for c in cursor.description or ()]
+                return tuple(tuple(naive_utc(v) if n in self.TIMES and isinstance(v, int) else v
+                                   for n, v in zip(names, row)) for row in cursor.fetchall())
+            finally:
+                conn.close()
+
+        return await trio.to_thread.run_sync(run_query)
+
+    async def reset(self) -> None:
+        await self.store.open()  # a new file: tmp_path is the test's own
+        self.store.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Db:
+    """What every test's database offers, whichever the backend: query(), insert() and the
+    check that the kept task counts are exact."""
+
+    def __init__(self, backend: str, tmp_path) -> None:
+        self.impl = MysqlDb() if backend == "mysql" else SqliteDb(tmp_path / "persistd.db")
+        self.backend, self.url, self.store = self.impl.backend, self.impl.url, self.impl.store
+
+    async def query(self, sql: str, *args):
+        return await self.impl.query(sql, *args)
+
+    async def insert(self, table: str, rows: list[dict], chunk: int = 500) -> None:
         """Rows straight into a table (old rows, large data sets), bypassing persistd;
         tasks are then counted as persistd counts them at its start."""
         columns = list(rows[0])
@@ -70,33 +160,43 @@ class Db:
             await self.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}",
                              *[row[c] for row in part for c in columns])
         if table == "translation_tasks":
-            async with self.database.connection() as conn:
-                await recount_tasks(conn)
+            await self.store.recount()
 
     async def assert_counts_exact(self) -> None:
-        assert await self.query(KEPT_COUNTS) == await self.query(RECOUNTED)
+        assert await self.query(KEPT_COUNTS) == await self.query(self.impl.RECOUNTED)
 
-    async def reset(self) -> None:
-        conn = await self.database.connect(create=True)
-        try:
-            await ensure_schema(conn, read_schema())
-            await conn.query("DELETE FROM task_counts")
-            await conn.query("DELETE FROM translation_tasks")
-            await conn.query("DELETE FROM translation_sessions")
-        finally:
-            conn.close()
+    async def analyze(self) -> None:
+        """Fresh table statistics (MySQL's row estimates in the stats come from them)."""
+        await self.query("ANALYZE TABLE translation_sessions, translation_tasks" if self.backend == "mysql" else "ANALYZE")
 
 
-@pytest.fixture
-async def db():
-    """The test database, emptied. Fails (never skips) when it cannot be reached."""
-    database = Db()
+@asynccontextmanager
+async def open_db(backend: str, tmp_path):
+    """The test database of `backend`, emptied. Fails (never skips) when it cannot be reached."""
+    database = Db(backend, tmp_path)
     try:
-        await database.reset()
+        await database.impl.reset()
     except Exception as exc:  # noqa: BLE001 - any failure here means no database
-        pytest.fail(f"test database {DATABASE_URL} is unreachable: {exc}")
-    yield database
-    database.database.close()
+        pytest.fail(f"test database {database.url} is unreachable: {exc}")
+    _current["url"] = database.url
+    try:
+        yield database
+    finally:
+        _current.clear()
+        database.impl.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def db(request, tmp_path):
+    """The test's database, once per backend."""
+    async with open_db(request.param, tmp_path) as database:
+        yield database
+
+
+def mysql_only(test):
+    """A test of what only a MySQL server has (privileges, a connection cut by a proxy, its
+    statements): its `db` is MySQL's alone, and it is deselected when none is configured."""
+    return pytest.mark.mysql(pytest.mark.parametrize("db", ["mysql"], indirect=True)(test))
 
 
 @asynccontextmanager
@@ -104,8 +204,8 @@ async def scratch_database(name: str, user: tuple[str, str, str] | None = None):
     """A database of its own, created empty and dropped afterwards, for a test that changes
     its tables or its grants. With `user` (name, password, privileges), an account that
     has just those privileges on it. Yields the url persistd connects with."""
-    root = Db()
-    parts = urlsplit(DATABASE_URL)._replace(path=f"/{name}")
+    root = MysqlDb()
+    parts = urlsplit(MYSQL_URL)._replace(path=f"/{name}")
     if user is not None:
         login, password, privileges = user
         parts = parts._replace(netloc=f"{login}:{password}@{parts.hostname}:{parts.port or 3306}")
@@ -121,7 +221,7 @@ async def scratch_database(name: str, user: tuple[str, str, str] | None = None):
         if user is not None:
             await root.query(f"DROP USER IF EXISTS '{login}'@'%'")
         await root.query(f"DROP DATABASE IF EXISTS `{name}`")
-        root.database.close()
+        root.close()
 
 
 class Daemon:

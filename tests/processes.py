@@ -27,7 +27,7 @@ import msgspec
 import pytest
 import trio
 
-from conftest import DATABASE_URL
+from conftest import database_url
 
 START_TIMEOUT_S = 20
 # The persistd that the test run imports. -P: the working directory is not put on sys.path,
@@ -101,7 +101,7 @@ def process_config(tmp_path, port: int, sections: dict) -> tuple[dict, str]:
     <tmp_path>/persistd.toml, and that file's path."""
     cfg = {
         "server": {"port": port, "graceful_timeout": 1.0},
-        "database": {"url": DATABASE_URL, "connect_timeout": 2.0},
+        "database": {"url": database_url(tmp_path), "connect_timeout": 2.0},
         "buffer": {"flush_interval": 5.0, "shutdown_timeout": 10.0, "retry_max": 0.5},
         "state": {"dir": str(tmp_path / "state")},
     }

@@ -14,12 +14,13 @@ subprocess can both be pointed at it.
 from __future__ import annotations
 
 import socket
+import sqlite3
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from conftest import DATABASE_URL
+from conftest import MYSQL_URL
 
 COPY_BYTES = 65536
 
@@ -38,7 +39,7 @@ class Proxy:
         self.port = 0
         self.connections_made = 0
 
-    def url(self, database_url: str = DATABASE_URL) -> str:
+    def url(self, database_url: str = MYSQL_URL) -> str:
         """`database_url` with its host and port replaced by the proxy's."""
         parts = urlsplit(database_url)
         userinfo = parts.netloc.rpartition("@")[0]
@@ -126,8 +127,8 @@ class Proxy:
 
 @asynccontextmanager
 async def tcp_proxy(target_host: str | None = None, target_port: int | None = None):
-    """A Proxy to the test database (by default the host and port of DATABASE_URL)."""
-    parts = urlsplit(DATABASE_URL)
+    """A Proxy to the test database (by default the host and port of MYSQL_URL)."""
+    parts = urlsplit(MYSQL_URL)
     async with trio.open_nursery() as nursery:
         proxy = Proxy(nursery, target_host or parts.hostname or "127.0.0.1", target_port or parts.port or 3306)
         await proxy._listen()
@@ -135,3 +136,41 @@ async def tcp_proxy(target_host: str | None = None, target_port: int | None = No
             yield proxy
         finally:
             nursery.cancel_scope.cancel()
+
+
+class LockedFile:
+    """SQLite's outage: another connection holds the file's write lock (BEGIN EXCLUSIVE).
+    persistd's writes wait `[database] write_timeout` for it, then fail with SQLITE_BUSY
+    and are retried; reads go on (WAL)."""
+
+    def __init__(self, db) -> None:
+        self._url, self._path, self._conn = db.url, db.store.path, None
+
+    def url(self) -> str:
+        return self._url
+
+    async def cut(self) -> None:
+        self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        await trio.to_thread.run_sync(self._conn.execute, "BEGIN EXCLUSIVE")
+
+    async def restore(self) -> None:
+        conn, self._conn = self._conn, None
+        await trio.to_thread.run_sync(conn.rollback)
+        conn.close()
+
+
+@asynccontextmanager
+async def database_outage(db):
+    """What takes `db`'s database away and gives it back: a Proxy for MySQL (point persistd
+    at outage.url()), a LockedFile for SQLite. Either way: `await outage.cut()`,
+    `await outage.restore()`."""
+    if db.backend == "mysql":
+        async with tcp_proxy() as proxy:
+            yield proxy
+    else:
+        outage = LockedFile(db)
+        try:
+            yield outage
+        finally:
+            if outage._conn is not None:
+                await outage.restore()

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import DATABASE_URL, session, task
+from conftest import MYSQL_URL, mysql_only, session, task
 from processes import free_port, post, toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +141,7 @@ async def container(image: str, tmp_path: Path, **sections):
     port = free_port()
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "graceful_timeout": 1.0},
-        "database": {"url": DATABASE_URL, "connect_timeout": 2.0},
+        "database": {"url": MYSQL_URL, "connect_timeout": 2.0},
         "state": {"dir": "/var/lib/persistd"},
     }
     for name, values in sections.items():
@@ -182,6 +182,7 @@ async def wait_healthy(ctr: Container) -> None:
 
 
 @pytest.mark.container
+@mysql_only  # the rows are looked for in the host's MySQL
 async def test_container_is_healthy_not_root_and_stops_without_losing_a_row(image, db, tmp_path):
     # Nothing is written before the stop: rows wait up to 30 s or 100,000 rows.
     async with container(image, tmp_path, buffer={"flush_interval": 30, "flush_rows": 100_000}) as ctr:
@@ -222,3 +223,29 @@ async def test_container_is_healthy_not_root_and_stops_without_losing_a_row(imag
     assert dict(await db.query(f"SELECT task_id, status FROM translation_tasks {ours}", *session_ids)) == acked
     assert {s for s, in await db.query(f"SELECT session_id FROM translation_sessions {ours}", *session_ids)} \
         == set(session_ids)
+
+
+@pytest.mark.container
+async def test_the_image_alone_runs_on_sqlite_in_its_state_volume(image, tmp_path):
+    """No config of ours and no database: the image's own config puts SQLite in the state
+    volume, and a row written there is still there for the next container on that volume."""
+    port, volume = free_port(), f"persistd-test-{uuid.uuid4().hex[:12]}"
+    names = [f"{volume}-{n}" for n in (1, 2)]
+    try:
+        for n, name in enumerate(names):
+            await podman("run", "--detach", "--name", name, "--network", "host", "-e", f"PERSISTD_PORT={port}",
+                         "--volume", f"{volume}:/var/lib/persistd", image)
+            ctr = Container(name, port)
+            await wait_healthy(ctr)
+            async with httpx.AsyncClient(base_url=ctr.url, timeout=10) as client:
+                assert (await client.get("/health")).json()["backend"] == "sqlite"
+                if n == 0:
+                    assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
+                else:
+                    assert (await client.get(f"/api/v1/translation/sessions/{session()['session_id']}")).status_code == 200
+            await podman("stop", "--time", str(STOP_TIMEOUT_S), name, timeout=STOP_TIMEOUT_S + 30)
+            assert (await ctr.state())["ExitCode"] == 0
+    finally:
+        for name in names:
+            await podman("rm", "--force", "--time", "0", "--ignore", name, check=False)
+        await podman("volume", "rm", "--force", volume, check=False)

@@ -32,7 +32,7 @@ import trio
 
 from conftest import SESSION_ID, session, task
 from processes import encode, persistd_process
-from proxy import tcp_proxy
+from proxy import database_outage
 
 SESSIONS = "/api/v1/translation/sessions/batch"
 TASKS = "/api/v1/translation/tasks/batch"
@@ -106,9 +106,9 @@ def session_state(row: dict) -> tuple:
 
 async def stored_states(db) -> dict:
     stored = {}
-    for task_id, *state in await db.query(
-            "SELECT task_id, status, batch_id, target_text, CAST(confidence AS CHAR) FROM translation_tasks"):
-        stored[("task", task_id)] = tuple(state)
+    for task_id, status, batch_id, target_text, confidence in await db.query(
+            "SELECT task_id, status, batch_id, target_text, confidence FROM translation_tasks"):
+        stored[("task", task_id)] = (status, batch_id, target_text, None if confidence is None else f"{confidence:.4f}")
     for session_id, *state in await db.query("SELECT session_id, status, completed_tasks FROM translation_sessions"):
         stored[("session", session_id)] = tuple(state)
     return stored
@@ -406,9 +406,10 @@ async def watch_health(process, phase: list[str], samples: list[HealthSample], s
             await trio.sleep(0.2)
 
 
-async def test_mysql_unreachable_for_30_s_under_load_loses_no_acknowledged_row(db, tmp_path):
-    """MySQL unreachable for 30 s in the middle of a load (a TCP proxy the test cuts; new
-    connections are refused). Clients keep sending and resend refused batches after
+async def test_database_unreachable_for_30_s_under_load_loses_no_acknowledged_row(db, tmp_path):
+    """The database away for 30 s in the middle of a load (MySQL: a TCP proxy the test
+    cuts, new connections refused; SQLite: another connection holds the file's write lock,
+    writes fail after write_timeout). Clients keep sending and resend refused batches after
     Retry-After (capped at 0.5 s here). Every answer is 202, or 503 BUFFER_FULL with a
     Retry-After header. /health turns degraded (503) during the outage and healthy (200)
     after it. The buffer never holds more than max_rows, and the process's peak RSS stays
@@ -419,9 +420,9 @@ async def test_mysql_unreachable_for_30_s_under_load_loses_no_acknowledged_row(d
     samples: list[HealthSample] = []
     phase = ["before"]  # before, during, after
     buffer = {"flush_interval": 0.5, "flush_rows": 1000, "flush_timeout": 30.0, **OUTAGE_BUFFER}
-    async with tcp_proxy() as proxy:
+    async with database_outage(db) as outage:
         async with persistd_process(tmp_path, journal=JOURNAL, buffer=buffer,
-                                    database={"url": proxy.url(), "connect_timeout": 2.0}) as process:
+                                    database={"url": outage.url(), "connect_timeout": 2.0, "write_timeout": 5.0}) as process:
             await write_first_session(ledger, process)
             load = Load(ledger, 0, process.url, retry=True, invalid_ratio=0)
             watching = trio.Event()
@@ -430,13 +431,13 @@ async def test_mysql_unreachable_for_30_s_under_load_loses_no_acknowledged_row(d
                 nursery.start_soon(watch_health, process, phase, samples, watching)
                 await trio.sleep(3)
 
-                await proxy.cut()
+                await outage.cut()
                 phase[0] = "during"
                 acked_at_cut = ledger.rows[ACKED]
                 await trio.sleep(OUTAGE_S)
                 acked_during_cut = ledger.rows[ACKED] - acked_at_cut
                 phase[0] = "after"
-                await proxy.restore()
+                await outage.restore()
 
                 with trio.fail_after(30):  # a generous bound on reconnecting and writing the backlog
                     while not any(s.phase == "after" and s.code == 200 for s in samples):

@@ -18,11 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DATABASE_URL, KEPT_COUNTS, RECOUNTED, SESSION_ID, make_config, running, session, task
+from conftest import KEPT_COUNTS, MYSQL_URL, SESSION_ID, MysqlDb, make_config, mysql_only, running, session, task
 from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, process_config
 from proxy import tcp_proxy
-from persistd.daemon import (BATCH_KINDS, RECORD, TASKS, Buffer, BufferConfig, Database, DatabaseConfig, Journal,
-                             JournalConfig, decode_batch, micros, overlay, upsert, write_snapshot)
+from persistd.daemon import (BATCH_KINDS, RECORD, Buffer, BufferConfig, DatabaseConfig, Journal, JournalConfig,
+                             decode_batch, micros, overlay)
+from persistd.mysql import Database, upsert, write_snapshot
+from persistd.storage import TASKS
 
 TASKS_URL = "/api/v1/translation/tasks/batch"
 SESSIONS_URL = "/api/v1/translation/sessions/batch"
@@ -226,6 +228,7 @@ async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
         assert await metric(daemon, "persistence_journal_bytes") > 0
 
 
+@mysql_only
 async def test_a_session_deleted_while_the_database_is_down_does_not_come_back_at_the_next_start(db, tmp_path):
     """Rows accepted, then their session DELETEd, all while the database is unreachable,
     then a stop: the journal still holds the rows and the DELETE. The next start must not
@@ -263,10 +266,16 @@ def test_mode_off_refuses_to_start_over_unwritten_journal_records(tmp_path):
 
 
 async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_rest_is_written(db, tmp_path):
-    """A poison row (here: one a CHECK constraint an operator added refuses) is isolated
-    inside the flush's transaction; the other 999 rows of its batch are written, the
-    flush is not retried forever, and the row is in the dead-letter file with the reason."""
-    await db.query("ALTER TABLE translation_tasks ADD CONSTRAINT poison CHECK (source_text <> 'POISON')")
+    """A poison row (here: one a constraint an operator added refuses: a CHECK in MySQL, a
+    trigger in SQLite, which cannot add one to a table) is isolated inside the flush's
+    transaction; the other 999 rows of its batch are written, the flush is not retried
+    forever, and the row is in the dead-letter file with the reason."""
+    if db.backend == "mysql":
+        await db.query("ALTER TABLE translation_tasks ADD CONSTRAINT poison CHECK (source_text <> 'POISON')")
+    else:
+        for when in ("INSERT", "UPDATE"):
+            await db.query(f"CREATE TRIGGER poison_{when} BEFORE {when} ON translation_tasks"
+                           " WHEN NEW.source_text = 'POISON' BEGIN SELECT RAISE(ABORT, 'poison'); END")
     try:
         async with running(make_config(tmp_path)) as daemon:
             assert (await daemon.post(SESSIONS_URL, {"sessions": [session()]})).status_code == 202
@@ -282,13 +291,17 @@ async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_r
             assert (await daemon.post(TASKS_URL, {"tasks": rows})).status_code == 202
             assert (await daemon.flush())["tasks_written"] == 999
     finally:
-        await db.query("ALTER TABLE translation_tasks DROP CONSTRAINT poison")
+        if db.backend == "mysql":
+            await db.query("ALTER TABLE translation_tasks DROP CONSTRAINT poison")
+        else:
+            for when in ("INSERT", "UPDATE"):
+                await db.query(f"DROP TRIGGER poison_{when}")
     (count,), = await db.query("SELECT COUNT(*) FROM translation_tasks")
     assert count == 1000  # t537 came with the second batch
     assert await db.query("SELECT status FROM translation_tasks WHERE task_id = 't100'") == (("pending",),)
     first, second = (json.loads(line) for line in (tmp_path / "state" / "dead-letter.jsonl").read_text().splitlines())
     assert (first["reason"], first["table"], first["row"]["task_id"]) == ("refused_by_database", "translation_tasks", "t537")
-    assert first["error"].startswith("4025:")
+    assert first["error"].startswith("4025:" if db.backend == "mysql" else "SQLITE_CONSTRAINT_TRIGGER: poison")
     assert (second["reason"], second["row"]["task_id"]) == ("refused_by_database", "t100")
     await db.assert_counts_exact()
 
@@ -439,7 +452,7 @@ class Node:
 
 
 async def play(ops, path) -> dict[str, tuple]:
-    conn = await Database(DatabaseConfig(url=DATABASE_URL)).connect(create=True)  # fails, never skips, without one
+    conn = await Database(DatabaseConfig(url=MYSQL_URL)).connect(create=True)  # fails, never skips, without one
     try:
         await conn.query("DELETE FROM task_counts")
         await conn.query("DELETE FROM translation_tasks")
@@ -477,7 +490,7 @@ async def play(ops, path) -> dict[str, tuple]:
         async with conn.cursor() as cursor:
             await cursor.execute(KEPT_COUNTS)
             kept = await cursor.fetchall()
-            await cursor.execute(RECOUNTED)
+            await cursor.execute(MysqlDb.RECOUNTED)
             assert kept == await cursor.fetchall(), "task_counts"
         return {k: (v["status"], v["target_text"], v["confidence"]) for k, v in (await stored(conn)).items()}, \
             last_acknowledged(writes)
@@ -485,6 +498,7 @@ async def play(ops, path) -> dict[str, tuple]:
         conn.close()
 
 
+@pytest.mark.mysql  # the flusher's statements, rolled back in the middle: MySQL's
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_any_interleaving_of_writes_failed_flushes_and_crashes_ends_at_the_last_acknowledged_state(tmp_path_factory, ops):

@@ -13,10 +13,12 @@ import msgspec
 import pytest
 import trio
 
-from conftest import SESSION_ID, BufferAlone, make_config, running, session, task
+from conftest import SESSION_ID, BufferAlone, make_config, mysql_only, running, session, task
 from persistd.daemon import (
-    DELETE_CHUNK_ROWS, Forget, Status, Written, delete_tasks,
+    Forget, Status, Written,
 )
+from persistd.mysql import delete_tasks
+from persistd.storage import DELETE_CHUNK_ROWS
 
 SESSIONS = "/api/v1/translation/sessions"
 TASKS = "/api/v1/translation/tasks"
@@ -95,15 +97,17 @@ async def test_delete_removes_more_tasks_than_one_chunk(daemon, db):
     assert (await task_count(db), await session_ids(db)) == (1, {"other"})
 
 
+@mysql_only
 async def test_each_chunk_of_a_delete_takes_its_tasks_out_of_task_counts(db):
     """Every chunk commits with its own count correction, so the counts are exact between
-    chunks too, not only once the session (and with it its counts) is gone."""
+    chunks too, not only once the session (and with it its counts) is gone. (SQLite's
+    triggers count each deleted task out in its own statement.)"""
     n = DELETE_CHUNK_ROWS + 1001
     await db.insert("translation_sessions", [srow(SESSION_ID), srow("other")])
     await db.insert("translation_tasks", [
         trow(f"t{i:05}", status=("pending", "completed")[i % 2], duration_ms=i if i % 3 else None,
              created_at=BASE + timedelta(minutes=i)) for i in range(n)] + [trow("o1", "other", created_at=BASE)])
-    async with db.database.connection() as conn:
+    async with db.store.db.connection() as conn:
         assert await delete_tasks(conn, "session_id = %s AND task_id < %s", SESSION_ID, "t05500") == 5500
     await db.assert_counts_exact()
     assert await task_count(db, SESSION_ID) == n - 5500
@@ -394,7 +398,7 @@ async def test_no_janitor_runs_when_its_interval_is_0(db, tmp_path):
 
 STATS_KEYS = {"sessions", "tasks", "performance", "storage"}
 PERFORMANCE_KEYS = {"average_session_time", "average_task_time", "success_rate"}
-STORAGE_KEYS = {"database_size_mb", "sessions_table_rows", "tasks_table_rows"}
+STORAGE_KEYS = {"database_size_mb", "sessions_table_rows", "tasks_table_rows", "backend"}  # backend: issue 11
 
 
 async def test_stats_for_a_known_data_set(daemon, db):
@@ -416,7 +420,7 @@ async def test_stats_for_a_known_data_set(daemon, db):
         trow("fail2", "r1", "failed"),
         trow("pend1", "r1", "pending", duration_ms=70000), trow("pend2", "r2", "pending"),
         trow("proc1", "r2", "processing", duration_ms=80000)])
-    await db.query("ANALYZE TABLE translation_sessions, translation_tasks")
+    await db.analyze()
     r = await daemon.get(STATS)
     assert r.status_code == 200, r.text
     stats = r.json()
@@ -429,7 +433,7 @@ async def test_stats_for_a_known_data_set(daemon, db):
     storage = stats["storage"]
     assert set(storage) == STORAGE_KEYS
     assert isinstance(storage["database_size_mb"], (int, float)) and storage["database_size_mb"] > 0
-    assert (storage["sessions_table_rows"], storage["tasks_table_rows"]) == (7, 9)
+    assert (storage["sessions_table_rows"], storage["tasks_table_rows"], storage["backend"]) == (7, 9, db.backend)
 
 
 async def test_stats_of_an_empty_database_and_their_cache(daemon, db):

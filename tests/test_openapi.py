@@ -11,8 +11,7 @@ import trio
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from conftest import SPEC_ROUTES, key_line, keys_file, make_config, running
-from persistd.daemon import (NOT_IN_DOCUMENT, ROUTE_SCOPES, Auth, Database, Metrics, create_app,
-                             endpoint_label)
+from persistd.daemon import NOT_IN_DOCUMENT, ROUTE_SCOPES, Auth, Metrics, create_app, endpoint_label, open_store
 
 
 def operations(document: dict) -> dict[tuple[str, str], dict]:
@@ -29,7 +28,7 @@ async def test_the_document_is_valid_openapi_3_1_and_describes_every_route(daemo
     assert {re.sub(r"\{\w+\}", "{id}", path) for path in document["paths"]} == SPEC_ROUTES
 
     cfg = make_config(tmp_path)
-    app = create_app(cfg, trio.open_memory_channel(1)[0], Database(cfg.database), Metrics(), Auth(cfg.auth))
+    app = create_app(cfg, trio.open_memory_channel(1)[0], open_store(cfg.database), Metrics(), Auth(cfg.auth))
     app_routes = {(method, endpoint_label(rule.rule)) for rule in app.url_map.iter_rules()
                   if rule.endpoint not in NOT_IN_DOCUMENT for method in rule.methods - {"HEAD", "OPTIONS"}}
     assert set(operations(document)) == app_routes and len(app_routes) == 15

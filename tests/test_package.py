@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,9 @@ import trio
 import trio_mysql
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DATABASE_URL, SESSION_ID, scratch_database, session, task
-from persistd.daemon import Database, DatabaseConfig, describe, load_config, transient
+from conftest import SESSION_ID, mysql_only, scratch_database, session, task
+from persistd.daemon import DatabaseConfig, describe, load_config
+from persistd.mysql import Database, transient
 from processes import (PERSISTD, Process, assert_one_line_error, clean_environ, free_port, persistd_exits, persistd_process,
                        post, wait_healthy)
 from proxy import tcp_proxy
@@ -65,9 +67,9 @@ def installed_persistd(installed: Path) -> list[str]:
 # ── the installed package ────────────────────────────────────────────────────────────
 
 
-async def test_the_installed_wheel_writes_sessions_and_tasks_to_mysql(installed, db, tmp_path):
-    """The wheel's persistd, started in a directory of its own against MariaDB: batches go
-    in over HTTP and are found in MySQL; SIGTERM stops it with exit status 0."""
+async def test_the_installed_wheel_writes_sessions_and_tasks_to_its_database(installed, db, tmp_path):
+    """The wheel's persistd, started in a directory of its own: batches go in over HTTP
+    and are found in the database; SIGTERM stops it with exit status 0."""
     where = subprocess.run([installed / "python", "-c", "import persistd; print(persistd.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert where.startswith(str(installed.parent)) and not where.startswith(str(REPO)), where
@@ -87,14 +89,40 @@ async def test_the_installed_wheel_writes_sessions_and_tasks_to_mysql(installed,
 async def test_a_file_missing_from_the_installed_package_stops_the_start(installed, db, tmp_path):
     """The schema is read from the package at start: without it, one line and exit 1,
     before the daemon listens (it would acknowledge batches it can never write)."""
-    [schema] = installed.parent.glob("lib/python*/site-packages/persistd/sql/schema.sql")
+    [schema] = installed.parent.glob(f"lib/python*/site-packages/persistd/sql/{db.backend}.sql")
     schema.rename(schema.with_suffix(".moved"))
     try:
         proc = await persistd_exits(tmp_path, command=installed_persistd(installed))
     finally:
         schema.with_suffix(".moved").rename(schema)
-    assert_one_line_error(proc, 1, "schema.sql", "reinstall")
+    assert_one_line_error(proc, 1, f"{db.backend}.sql", "reinstall")
     assert b"listening on" not in proc.stderr
+
+
+async def test_with_no_config_in_an_empty_directory_the_spec_examples_work(installed, tmp_path):
+    """`persistd` and nothing else (the port aside, through its override) on a machine with
+    no database server: SQLite in ./state/persistd.db, healthy, and every curl example of
+    the spec, in its order, answers 2xx."""
+    home = tmp_path / "empty"
+    home.mkdir()
+    port = free_port()
+    log_path = tmp_path / "persistd.log"
+    with open(log_path, "wb") as log:
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(partial(
+                trio.run_process, [str(installed / "persistd")], check=False, stdout=log, stderr=subprocess.STDOUT,
+                env=clean_environ(PERSISTD_PORT=str(port)), cwd=home))
+            process = Process(proc, port, {"state": {"dir": str(home / "state")}}, log_path)
+            await wait_healthy(process)
+            examples = await trio.run_process(
+                ["bash", Path(__file__).with_name("spec-examples.sh")], capture_stdout=True, capture_stderr=True,
+                check=False, env=clean_environ(PERSISTD_URL=process.url))
+            assert examples.returncode == 0, (examples.stdout + examples.stderr).decode()
+            answers = [json.loads(line) for line in examples.stdout.decode().splitlines()]
+            assert len(answers) == 14 and answers[-1]["backend"] == "sqlite"
+            process.signal(signal.SIGTERM)
+            assert (await process.wait_exit(EXIT_S))[0] == 0
+    assert sorted(p.name for p in (home / "state").iterdir()) >= ["journal", "persistd.db"]
 
 
 async def test_the_version_is_the_installed_package_version(installed):
@@ -102,21 +130,25 @@ async def test_the_version_is_the_installed_package_version(installed):
     assert out.strip() == f"persistd {importlib.metadata.version('persistd')}"
 
 
-async def test_print_schema_prints_the_ddl_that_ships_in_the_package(installed):
-    out = subprocess.run([installed / "persistd", "--print-schema"], capture_output=True, text=True, check=True).stdout
-    assert out == (REPO / "sql" / "schema.sql").read_text(encoding="utf-8")
+@pytest.mark.parametrize(("url", "ddl"), [("", "sqlite.sql"), ("mysql://root@db/persistd", "mysql.sql")])
+async def test_print_schema_prints_the_ddl_that_ships_in_the_package(installed, url, ddl):
+    """The configured backend's: SQLite's without a url."""
+    env = clean_environ(**({"PERSISTD_DATABASE_URL": url} if url else {}))
+    out = subprocess.run([installed / "persistd", "--print-schema"], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert out == (REPO / "sql" / ddl).read_text(encoding="utf-8")
     assert out.count("CREATE TABLE IF NOT EXISTS") == 3
 
 
 async def test_the_example_config_runs_as_written_for_an_unprivileged_user(installed, db, tmp_path):
     """persistd.toml as shipped, in a directory owned by nobody, started as nobody: its
     state dir is created there. Port and database come from the documented overrides."""
-    home = installed.parent.parent / "home"
+    home = installed.parent.parent / f"home-{db.backend}"
     home.mkdir()
     shutil.copy(REPO / "persistd.toml", home / "persistd.toml")
     shutil.chown(home, "nobody", "nogroup")
     port = free_port()
-    env = clean_environ(PERSISTD_PORT=str(port), PERSISTD_DATABASE_URL=DATABASE_URL)
+    env = clean_environ(PERSISTD_PORT=str(port), **({"PERSISTD_DATABASE_URL": db.url} if db.backend == "mysql" else {}))
     command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                str(installed / "persistd"), "--config", "persistd.toml"]
     log_path = tmp_path / "persistd.log"
@@ -147,12 +179,23 @@ def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp
                           env=clean_environ(PERSISTD_PORT="9100"), timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "s3cr" not in proc.stdout and 'url = "mysql://app:***@db.internal:3307/persistd"' in proc.stdout
+    assert proc.stdout.startswith("# backend: mysql\n")
     shown = tmp_path / "shown.toml"
     shown.write_text(proc.stdout)
     effective = load_config(str(path), {"PERSISTD_PORT": "9100"})
     assert load_config(str(shown), {}) == msgspec.structs.replace(
         effective, database=msgspec.structs.replace(effective.database, url="mysql://app:***@db.internal:3307/persistd"))
     assert effective.server.port == 9100 and effective.journal.mode == "write"
+
+
+def test_without_a_database_url_the_backend_is_sqlite_in_the_state_dir(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[state]\ndir = "/var/lib/persistd"\n')
+    proc = subprocess.run([*PERSISTD, "--check-config", path], capture_output=True, text=True, env=clean_environ(),
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# backend: sqlite\n")
+    assert 'url = "sqlite:////var/lib/persistd/persistd.db"' in proc.stdout
 
 
 def test_check_config_of_an_invalid_file_is_one_line_and_exit_2(tmp_path):
@@ -200,6 +243,7 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_start(db, tmp_path, 
     ("SELECT, INSERT, UPDATE, DELETE", "right", "1142"),  # no privilege to create the tables
     ("ALL PRIVILEGES", "wrong", "1045"),  # access denied
 ])
+@mysql_only
 async def test_a_database_that_refuses_persistd_stops_the_start(db, tmp_path, privileges, password, code):
     async with scratch_database("persistd_test_refused", ("persistd_refused", "right", privileges)) as url:
         proc = await persistd_exits(tmp_path, database={"url": url.replace(":right@", f":{password}@")})
@@ -207,6 +251,7 @@ async def test_a_database_that_refuses_persistd_stops_the_start(db, tmp_path, pr
     assert b"listening on" not in proc.stderr and b"right" not in proc.stderr
 
 
+@mysql_only
 async def test_the_documented_privileges_are_enough(db, tmp_path):
     """README: the MySQL user needs these privileges on its database, and no others."""
     privileges = "SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX, REFERENCES"
@@ -226,6 +271,7 @@ async def test_the_documented_privileges_are_enough(db, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["fsync", "off"])
+@mysql_only
 async def test_a_database_that_refuses_writes_for_good_stops_the_daemon_keeping_what_it_acknowledged(
         db, tmp_path, mode):
     """A column gone from under persistd (1054): every retry would fail the same way while
@@ -285,6 +331,30 @@ async def test_only_outages_are_retried():
     assert transient(trio_mysql.err.InterfaceError(0, ""))
 
 
+def test_only_sqlite_outages_are_retried(tmp_path):
+    """A file locked by another writer, opened read-only, or missing: transient, retried.
+    A statement the schema refuses (a table or column gone): not. Real errors, each."""
+    from persistd.sqlite import transient as sqlite_transient
+    path = tmp_path / "t.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    errors = {}
+
+    def error(name: str, connect, sql: str) -> None:
+        with pytest.raises(sqlite3.Error) as raised:
+            connect().execute(sql)
+        errors[name] = raised.value
+
+    holder.execute("BEGIN EXCLUSIVE")
+    error("locked", lambda: sqlite3.connect(path, timeout=0), "INSERT INTO t VALUES (1)")
+    holder.rollback()
+    error("read-only", lambda: sqlite3.connect(f"file:{path}?mode=ro", uri=True), "INSERT INTO t VALUES (1)")
+    error("missing", lambda: sqlite3.connect(f"file:{tmp_path / 'none.db'}?mode=rw", uri=True), "SELECT 1")
+    error("no such table", lambda: sqlite3.connect(path), "SELECT * FROM nope")
+    assert [sqlite_transient(errors[n]) for n in ("locked", "read-only", "missing")] == [True] * 3, errors
+    assert not sqlite_transient(errors["no such table"]), errors
+
+
 # ── the log ──────────────────────────────────────────────────────────────────────────
 
 
@@ -313,6 +383,7 @@ async def test_json_log_has_one_event_a_line_from_start_to_stop(db, tmp_path):
     assert ready["port"] == process.port and ready["seconds"] > 0 and draining["rows"] == 1
 
 
+@mysql_only
 async def test_an_outage_and_a_backpressure_episode_are_logged_once_each_with_their_figures(db, tmp_path):
     """While the database is cut the flusher fails every 0.1-0.2 s and /health is asked
     every 0.2 s, and batches meet a full buffer: one line when each episode begins, one
@@ -352,7 +423,7 @@ async def test_an_outage_and_a_backpressure_episode_are_logged_once_each_with_th
 # ── what an operator scrapes ─────────────────────────────────────────────────────────
 
 
-async def test_every_metric_the_alert_rules_name_is_exported(slow_daemon):
+async def test_every_metric_the_alert_rules_name_is_exported(slow_daemon, db):
     """deploy/prometheus-alerts.yml names only metrics the daemon exports; the age of the
     oldest unwritten batch grows while it waits and is 0 once it is written."""
     rules = (REPO / "deploy" / "prometheus-alerts.yml").read_text()
@@ -366,6 +437,7 @@ async def test_every_metric_the_alert_rules_name_is_exported(slow_daemon):
     assert named and named <= exported.keys() | counters, named - exported.keys() - counters
     assert exported["persistence_oldest_unwritten_seconds"] >= 0.3
     assert exported["persistence_database_up"] == 1 and exported["persistence_backpressure"] == 0
+    assert f'persistence_database_backend{{backend="{db.backend}"}} 1.0' in text
     await slow_daemon.flush()
     text = (await slow_daemon.get("/api/v1/system/metrics")).text
     assert "persistence_oldest_unwritten_seconds 0.0" in text

@@ -15,9 +15,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import session, task
+from conftest import mysql_only, session, task
 from processes import encode, persistd_process, post
-from proxy import tcp_proxy
+from proxy import database_outage, tcp_proxy
 
 SESSIONS = "/api/v1/translation/sessions/batch"
 TASKS = "/api/v1/translation/tasks/batch"
@@ -115,6 +115,7 @@ async def test_signal_under_load_writes_every_acknowledged_row_and_exits_0(db, t
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@mysql_only
 async def test_signal_stops_accepting_new_connections(db, tmp_path, signum):
     """After the signal the port refuses new connections at once, while persistd is still
     busy writing out its buffer (here: to a database that is slow to come back)."""
@@ -167,12 +168,12 @@ async def start_again_and_flush(tmp_path) -> None:
 LATE_TASKS = [task(f"late-{i:03d}", row_index=i, status="completed") for i in range(100)]
 
 
-async def sigterm_while_database_cut(tmp_path, **sections):
+async def sigterm_while_database_cut(db, tmp_path, **sections):
     """A session and a task written by a first flush; then 100 completed tasks and the
     session's completion accepted, the database cut, SIGTERM: exit 0 within
     graceful_timeout + shutdown_timeout."""
-    async with tcp_proxy() as proxy:
-        async with persistd_process(tmp_path, database={"url": proxy.url()},
+    async with database_outage(db) as outage:
+        async with persistd_process(tmp_path, database={"url": outage.url(), "write_timeout": 2.0},
                                     buffer={"shutdown_timeout": 3.0}, **sections) as process:
             async with httpx.AsyncClient(base_url=process.url, timeout=10) as client:
                 assert (await post(client, SESSIONS, "sessions", [session()])).status_code == 202
@@ -180,7 +181,7 @@ async def sigterm_while_database_cut(tmp_path, **sections):
                 assert (await client.post(FLUSH)).status_code == 200  # a first successful flush
                 assert (await post(client, TASKS, "tasks", LATE_TASKS)).status_code == 202
                 assert (await post(client, SESSIONS, "sessions", [session(status="completed")])).status_code == 202
-            await proxy.cut()
+            await outage.cut()
             await sigterm_exits_0(process)
     return process
 
@@ -189,7 +190,7 @@ async def test_sigterm_while_database_unreachable_exits_0_and_the_next_start_wri
     """SIGTERM while the database is unreachable: persistd exits 0 within shutdown_timeout
     (plus the grace for requests); what it could not write stays in the journal, not in
     the dead-letter file, and the next start writes it all with its last state."""
-    process = await sigterm_while_database_cut(tmp_path)
+    process = await sigterm_while_database_cut(db, tmp_path)
     assert not os.path.exists(os.path.join(process.state_dir, "dead-letter.jsonl"))
     assert await db.query("SELECT task_id FROM translation_tasks") == (("written",),)
 
@@ -203,7 +204,7 @@ async def test_sigterm_while_database_unreachable_exits_0_and_the_next_start_wri
 async def test_sigterm_while_database_unreachable_without_a_journal_dead_letters_the_buffer(db, tmp_path):
     """The same with `[journal] mode = "off"`: every buffered row it could not write is in
     <state dir>/dead-letter.jsonl with its reason, table and row."""
-    process = await sigterm_while_database_cut(tmp_path, journal={"mode": "off"})
+    process = await sigterm_while_database_cut(db, tmp_path, journal={"mode": "off"})
     records = dead_letters(process.state_dir)
     for record in records:
         assert {"reason", "table", "row"} <= record.keys()
@@ -225,6 +226,7 @@ async def flush_errors(client: httpx.AsyncClient) -> float:
                for s in family.samples if s.name == "persistence_flush_errors_total")
 
 
+@mysql_only
 async def test_dead_letter_file_ends_with_the_state_accepted_last(db, tmp_path):
     """Without a journal, when a row has several unwritten states at shutdown (one in a
     failed flush that is being retried, a newer one accepted after it), the dead-letter
@@ -260,6 +262,7 @@ async def test_dead_letter_file_ends_with_the_state_accepted_last(db, tmp_path):
     assert (replayed["status"], replayed["completed_tasks"]) == ("completed", 2)
 
 
+@mysql_only
 async def test_sigterm_while_database_stops_answering_exits_within_shutdown_timeout(db, tmp_path):
     """SIGTERM while the database accepts nothing and answers nothing (a partition, not a
     refusal): the final write gives up at shutdown_timeout, persistd exits 0, and the next
@@ -279,6 +282,7 @@ async def test_sigterm_while_database_stops_answering_exits_within_shutdown_time
     assert await db.query("SELECT task_id FROM translation_tasks") == (("unanswered",),)
 
 
+@mysql_only
 async def test_sigterm_during_a_hung_flush_exits_within_shutdown_timeout(db, tmp_path):
     """SIGTERM while a flush that started before the signal hangs on a database that
     stopped answering: the final write is bounded by shutdown_timeout, not by the longer
