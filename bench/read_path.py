@@ -1,7 +1,9 @@
 """Read-path benchmark for persistd: latency of every read endpoint over 1,000,000 tasks.
 
-Data set (the issue's): 10,000 sessions and 1,000,000 tasks in the database persistd_readbench,
-whose tables come from the daemon's sql/schema.sql. Sessions are mostly completed, some failed, cancelled,
+Data set (the issue's): 10,000 sessions and 1,000,000 tasks in persistd_readbench - with
+--backend mysql (the default) the MariaDB database, its tables from the daemon's sql/mysql.sql;
+with --backend sqlite the file bench-results/persistd_readbench/persistd.db, its tables from
+sql/sqlite.sql, in WAL mode. Sessions are mostly completed, some failed, cancelled,
 processing and pending, created over 90 days (the unfinished ones in the last three); 9,998 of
 them have 59-120 tasks (about 90), one has 5,000 and one 100,000 tasks, both processing with
 a large share of pending and processing tasks. Tasks are about 94 % completed and 2 % failed;
@@ -10,16 +12,21 @@ mixing CJK, Latin and emoji (the write-path benchmark's generator); sheets, row 
 batch ids, start/end times and duration_ms are filled as a translation run would; every
 session's counters match its task rows and its times enclose theirs.
 
-The rows are generated here (seeded: the same data every time) as tab-separated files and
-loaded with LOAD DATA LOCAL INFILE through `mariadb --local-infile=1`, 100,000 tasks per
-statement, then ANALYZE TABLE. Loading takes about a minute; with --reuse an
-existing persistd_readbench is used as it is when its row counts match and its tables, indexes
-and triggers are those the schema file creates now (compared with a scratch database made from
-it): the daemon never alters existing tables, so a changed schema means loading again.
+The rows are generated here (seeded: the same data every time, for both backends). MySQL: as
+tab-separated files loaded with LOAD DATA LOCAL INFILE through `mariadb --local-infile=1`,
+100,000 tasks per statement, then ANALYZE TABLE. SQLite: inserted with the standard
+library's sqlite3 (times as INTEGER seconds since 1970, JSON as text), 100,000 tasks or more
+a transaction; sqlite.sql's triggers fill task_counts as they go. No ANALYZE there: persistd
+never runs one, so in production SQLite plans its queries without statistics too. Loading
+takes about a minute; with --reuse an existing data set is used as it is when its row counts
+match and its tables, indexes and triggers are those the schema file creates now (compared
+with a scratch database made from it; for SQLite, sqlite_master against an in-memory
+database): the daemon never alters existing tables, so a changed schema means loading again.
 
 Measurement: the daemon runs as a subprocess (`python -m persistd --config FILE`, janitor
 off, read_timeout 60 s so that slow queries are measured rather than cut off) and this process
-calls it over one keep-alive HTTP connection (trio + h11, bench/write_path.py's client), one
+calls it over one keep-alive HTTP connection (trio + h11, bench/write_path.py's client;
+replaced, untimed, after 1000 requests or 4 s idle, before the server closes it), one
 call at a time, so a latency is one call's: from sending the request to having the whole
 response. Each endpoint group makes --calls calls (default 200) with varied filters and pages,
 in a seeded random order, after 5 untimed warm-up calls, and reports p50, p99 and max
@@ -32,17 +39,21 @@ cache expired, i.e. what a caller polling less often than every 5 s gets.
 Checks: every answer must be 200; list answers must be consistent (total_pages, number of
 items on the page) and give one `total` per filter; the totals of a sample of filters per
 group, every restore's tasks_count, incomplete-sessions' count and the stats counts are
-compared with COUNT(*) in MariaDB. Any failure is listed and the script exits 1 (after the
-table). Per group it prints the CPU seconds of the daemon, MariaDB, this script and all other
-processes (2 shared cores: a large "other" figure means a disturbed measurement).
+compared with COUNT(*) in the database (read by this script through trio_mysql, or sqlite3
+on the file). Any failure is listed and the script exits 1 (after the table). Per group it
+prints the CPU seconds of the daemon, MariaDB (mysql only: SQLite runs inside the daemon,
+whose figure includes it), this script and all other processes (2 shared cores: a large
+"other" figure means a disturbed measurement). The daemon's log goes to
+bench-results/read_path-BACKEND.log.
 
---database measures another database (e.g. one for a changed schema); it is dropped and
-loaded like persistd_readbench unless --reuse finds it current. The daemon measured
-is the persistd that `import persistd` finds (PYTHONPATH can point at a modified copy).
+--database measures another database (e.g. one for a changed schema; for sqlite
+bench-results/DATABASE/persistd.db); it is dropped and loaded like persistd_readbench
+unless --reuse finds it current. The daemon measured is the persistd that `import persistd`
+finds (PYTHONPATH can point at a modified copy).
 
 Usage:
-  .venv/bin/python bench/read_path.py [--reuse] [--database persistd_readbench] [--calls 200]
-      [--budget 120] [--stats-cold-calls 12] [--only GROUP,...] [--port 18002]
+  .venv/bin/python bench/read_path.py [--backend mysql|sqlite] [--reuse] [--database persistd_readbench]
+      [--calls 200] [--budget 120] [--stats-cold-calls 12] [--only GROUP,...] [--port 18002]
 """
 
 from __future__ import annotations
@@ -53,29 +64,32 @@ import math
 import os
 import random
 import shlex
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import quote, urlencode
 
 import h11
 import msgspec
 import trio
-import trio_mysql
 
-from persistd.daemon import SCHEMA_PATH, SESSION_SETUP, STATS_CACHE_S
-from write_path import (COLUMNS, DAEMON_FILE, MYSQL, REPO, RESULTS_DIR, SHEETS, TOKENS, WEIGHTS, BenchError, CpuUse,
-                        Daemon, HttpConnection, Response, code_version, cpu_seconds, mariadb, server_info,
-                        session_row, stop_daemon, text, wait_listening)
+from persistd.daemon import SESSION_SETUP, STATS_CACHE_S
+from persistd.storage import read_schema
+from write_path import (COLUMNS, DAEMON_FILE, DATABASES, REPO, RESULTS_DIR, SHEETS, TOKENS, WEIGHTS, BenchError, CpuUse,
+                        Daemon, Database, HttpConnection, MySQLDatabase, MySQLReader, Response, SQLiteDatabase,
+                        SQLiteReader, code_version, cpu_seconds, mariadb, session_row, stop_daemon, text,
+                        wait_listening)
 
 DEFAULT_DB = "persistd_readbench"
-SCHEMA_CHECK_DB = "persistd_readbench_schema"  # sql/schema.sql alone, compared with the data set's tables
+SCHEMA_CHECK_DB = "persistd_readbench_schema"  # sql/mysql.sql alone, compared with the data set's tables
 SEED = 20250901
 API = "/api/v1/translation"
 
@@ -92,6 +106,7 @@ DAY = 86_400
 TASK_STEP_S = 0.5  # a session's tasks start this far apart
 ROWS_PER_LOAD = 100_000
 
+TIME_COLUMNS = ("start_time", "end_time", "created_at", "updated_at")
 SESSION_COLUMNS = ("session_id", "filename", "file_path", "status", "game_info", "llm_provider", "metadata",
                    "total_tasks", "completed_tasks", "failed_tasks", "processing_tasks", "created_at", "updated_at")
 TASK_COLUMNS = ("task_id", "session_id", "batch_id", "sheet_name", "row_index", "column_name", "source_text",
@@ -102,6 +117,7 @@ ERRORS = ("API rate limit exceeded (429), gave up after 3 retries",
           "Translation exceeds max_length_ratio 1.3 (源文本 42 字, 译文 71 字)", "Upstream timeout after 60 s")
 
 WARMUP_CALLS = 5
+IDLE_REOPEN_S = 4.0  # a connection idle this long is replaced: hypercorn closes it at 5 s (keep_alive_timeout)
 SLOWEST_SHOWN = 3  # calls listed for a group that misses its target or has none
 VERIFIED_FILTERS = 8  # per list group: filters whose total is compared with COUNT(*)
 PAGE_SIZES = (20, 50, 100)
@@ -180,11 +196,17 @@ def tsv(value: object) -> str:
     return str(value)
 
 
-def task_lines(rng: random.Random, corpus: str, s: SessionPlan) -> tuple[list[str], dict[str, int], int]:
-    """A session's task rows as TSV lines; also its counts by status and its last update."""
+def tsv_line(columns: tuple[str, ...], row: tuple) -> str:
+    """A row for LOAD DATA: its times (epoch seconds) as MySQL's literals."""
+    return "\t".join(tsv(sql_time(value) if name in TIME_COLUMNS and value is not None else value)
+                     for name, value in zip(columns, row)) + "\n"
+
+
+def task_rows(rng: random.Random, corpus: str, s: SessionPlan) -> tuple[list[tuple], dict[str, int], int]:
+    """A session's task rows (TASK_COLUMNS, times in epoch seconds); also its counts by status and its last update."""
     per_sheet = -(-s.tasks // len(SHEETS))
     counts = dict.fromkeys(TASK_STATUSES, 0)
-    lines, last_update = [], s.created
+    rows, last_update = [], s.created
     for i in range(s.tasks):
         sheet, j = SHEETS[i // per_sheet], i % per_sheet
         column, created_at = COLUMNS[j % len(COLUMNS)], s.created + i // 1000  # batches of 1000, 1 s apart
@@ -207,32 +229,36 @@ def task_lines(rng: random.Random, corpus: str, s: SessionPlan) -> tuple[list[st
             status = "pending"
         counts[status] += 1
         last_update = max(last_update, updated_at)
-        fields = (f"{s.session_id}-{i:06d}", s.session_id, f"{s.session_id[:8]}-b{i // 50:04d}", sheet, j + 2, column,
-                  text(rng, corpus, 20, 200), target, f"{sheet}!{column}{j + 2}", status, confidence, error, retries,
-                  start_time and sql_time(start_time), end_time and sql_time(end_time), duration_ms,
-                  sql_time(created_at), sql_time(updated_at))
-        lines.append("\t".join(map(tsv, fields)) + "\n")
-    return lines, counts, last_update
+        rows.append((f"{s.session_id}-{i:06d}", s.session_id, f"{s.session_id[:8]}-b{i // 50:04d}", sheet, j + 2,
+                     column, text(rng, corpus, 20, 200), target, f"{sheet}!{column}{j + 2}", status, confidence, error,
+                     retries, start_time, end_time, duration_ms, created_at, updated_at))
+    return rows, counts, last_update
 
 
-def session_line(rng: random.Random, n: int, s: SessionPlan, counts: dict[str, int], last_update: int) -> str:
+def session_fields(rng: random.Random, n: int, s: SessionPlan, counts: dict[str, int], last_update: int) -> tuple:
+    """The session's row (SESSION_COLUMNS, times in epoch seconds)."""
     row = session_row(rng, n, s.session_id, s.tasks)  # filename, file_path, provider, game_info, metadata
-    fields = (s.session_id, row["filename"], row["file_path"], s.status, msgspec.json.encode(row["game_info"]).decode(),
-              row["llm_provider"], msgspec.json.encode(row["metadata"]).decode(), s.tasks, counts["completed"],
-              counts["failed"], counts["processing"], sql_time(s.created), sql_time(last_update))
-    return "\t".join(map(tsv, fields)) + "\n"
+    return (s.session_id, row["filename"], row["file_path"], s.status, msgspec.json.encode(row["game_info"]).decode(),
+            row["llm_provider"], msgspec.json.encode(row["metadata"]).decode(), s.tasks, counts["completed"],
+            counts["failed"], counts["processing"], s.created, last_update)
+
+
+def data_set() -> Iterator[tuple[tuple, list[tuple]]]:
+    """Each session's row with its tasks' rows, in primary-key order (seeded: the same every time)."""
+    rng = random.Random(SEED)
+    corpus = "".join(rng.choices(TOKENS, WEIGHTS, k=50_000))
+    for n, plan in enumerate(plan_sessions(rng)):
+        tasks, counts, last_update = task_rows(rng, corpus, plan)
+        yield session_fields(rng, n, plan, counts, last_update), tasks
 
 
 def write_files(tmp: Path) -> tuple[Path, list[Path]]:
     """The sessions file and the task files (ROWS_PER_LOAD rows each), in primary-key order."""
-    rng = random.Random(SEED)
-    corpus = "".join(rng.choices(TOKENS, WEIGHTS, k=50_000))
     sessions_path, task_paths, pending = tmp / "sessions.tsv", [], []
     with open(sessions_path, "w", encoding="utf-8") as sessions:
-        for n, plan in enumerate(plan_sessions(rng)):
-            lines, counts, last_update = task_lines(rng, corpus, plan)
-            sessions.write(session_line(rng, n, plan, counts, last_update))
-            pending += lines
+        for n, (session, tasks) in enumerate(data_set()):
+            sessions.write(tsv_line(SESSION_COLUMNS, session))
+            pending += [tsv_line(TASK_COLUMNS, task) for task in tasks]
             while len(pending) >= ROWS_PER_LOAD or (pending and n == N_SESSIONS - 1):
                 task_paths.append(tmp / f"tasks-{len(task_paths):02d}.tsv")
                 task_paths[-1].write_text("".join(pending[:ROWS_PER_LOAD]), encoding="utf-8")
@@ -240,11 +266,10 @@ def write_files(tmp: Path) -> tuple[Path, list[Path]]:
     return sessions_path, task_paths
 
 
-def create_database(db: str) -> None:
-    """Dropped, created, and given the tables of the schema file of the daemon measured."""
-    mariadb("-e", f"DROP DATABASE IF EXISTS `{db}`; CREATE DATABASE `{db}` CHARACTER SET utf8mb4")
-    with open(SCHEMA_PATH, "rb") as schema:
-        mariadb(db, stdin=schema)
+def data_set_database(backend: str, name: str) -> Database:
+    """Where the data set is: the MariaDB database `name`, or bench-results/`name`/persistd.db,
+    kept between runs alike (see --reuse)."""
+    return MySQLDatabase(name) if backend == "mysql" else SQLiteDatabase(RESULTS_DIR / name / "persistd.db")
 
 
 def definitions(db: str) -> list[str]:
@@ -255,14 +280,25 @@ def definitions(db: str) -> list[str]:
                     " WHERE trigger_schema = DATABASE() ORDER BY trigger_name", db)]
 
 
-def schema_is_current(db: str) -> bool:
+def sqlite_definitions(conn: sqlite3.Connection) -> list[tuple]:
+    """Each table's, index's and trigger's statement, as sqlite_master keeps it."""
+    with closing(conn):
+        return conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+
+def schema_is_current(db: Database) -> bool:
     """Whether `db` has the tables, indexes and triggers the schema file creates now: the
     daemon creates missing tables but never alters present ones."""
-    create_database(SCHEMA_CHECK_DB)
+    if db.backend == "sqlite":
+        scratch = sqlite3.connect(":memory:")
+        scratch.executescript(read_schema("sqlite.sql"))
+        return sqlite_definitions(sqlite3.connect(f"{db.path.as_uri()}?mode=rw", uri=True)) == sqlite_definitions(scratch)
+    scratch = MySQLDatabase(SCHEMA_CHECK_DB)
+    scratch.create()
     try:
-        return definitions(db) == definitions(SCHEMA_CHECK_DB)
+        return definitions(db.name) == definitions(scratch.name)
     finally:
-        mariadb("-e", f"DROP DATABASE `{SCHEMA_CHECK_DB}`")
+        scratch.drop()
 
 
 def load_statement(path: Path, table: str, columns: tuple[str, ...]) -> str:
@@ -270,52 +306,78 @@ def load_statement(path: Path, table: str, columns: tuple[str, ...]) -> str:
             f"SELECT '{path.name}', @@warning_count;\n")
 
 
-def load_data_set(db: str) -> float:
+def load_data_set(db: Database) -> float:
     """Drops, recreates and fills `db`; returns the seconds it took."""
     started = time.perf_counter()
+    if db.backend == "mysql":
+        load_mysql(db, started)
+    else:
+        load_sqlite(db)
+    return time.perf_counter() - started
+
+
+def load_mysql(db: MySQLDatabase, started: float) -> None:
     with tempfile.TemporaryDirectory(prefix="persistd-readbench-") as tmp:
         sessions_path, task_paths = write_files(Path(tmp))
         print(f"  generated {len(task_paths) + 1} files in {time.perf_counter() - started:.0f} s", flush=True)
-        create_database(db)
+        db.create()
         script = Path(tmp) / "load.sql"
         script.write_text(SESSION_SETUP + ";\n" + load_statement(sessions_path, "translation_sessions", SESSION_COLUMNS)
                           + "".join(load_statement(p, "translation_tasks", TASK_COLUMNS) for p in task_paths)
                           + "ANALYZE TABLE translation_sessions, translation_tasks;\n", encoding="utf-8")
         with open(script, "rb") as sql:
-            output = mariadb("--local-infile=1", "-N", db, stdin=sql)
+            output = mariadb("--local-infile=1", "-N", db.name, stdin=sql)
     warned = [line for line in output.splitlines() if line.split("\t")[0].endswith(".tsv") and not line.endswith("\t0")]
     if warned:
         raise BenchError(f"LOAD DATA reported warnings (rows truncated or refused): {warned}")
-    return time.perf_counter() - started
+
+
+def insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def load_sqlite(db: SQLiteDatabase) -> None:
+    """Each session, then its tasks, ROWS_PER_LOAD tasks or more a transaction; the triggers of
+    sqlite.sql count them into task_counts. No ANALYZE: persistd never runs one, so SQLite
+    plans its queries without statistics in production too."""
+    db.create()
+    insert_session = insert_sql("translation_sessions", SESSION_COLUMNS)
+    insert_task = insert_sql("translation_tasks", TASK_COLUMNS)
+    with closing(db.writer()) as conn:
+        conn.execute("BEGIN")
+        uncommitted = 0
+        for session, tasks in data_set():
+            conn.execute(insert_session, session)
+            conn.executemany(insert_task, tasks)
+            uncommitted += len(tasks)
+            if uncommitted >= ROWS_PER_LOAD:
+                conn.execute("COMMIT")
+                conn.execute("BEGIN")
+                uncommitted = 0
+        conn.execute("COMMIT")
 
 
 # ── what is stored ───────────────────────────────────────────────────────────────────
 
-
-async def connect(db: str) -> trio_mysql.Connection:
-    conn = trio_mysql.connect(**MYSQL, database=db, charset="utf8mb4", use_unicode=True, autocommit=True,
-                              init_command=SESSION_SETUP)
-    await conn.connect()
-    return conn
-
-
-async def rows(conn: trio_mysql.Connection, sql: str, *args: object) -> list[tuple]:
-    async with conn.cursor() as cursor:
-        await cursor.execute(sql, args or None)
-        return list(await cursor.fetchall())
+SIZES_SQL = {  # per table: bytes of data, bytes of indexes
+    "mysql": ("SELECT table_name, data_length, index_length FROM information_schema.tables"
+              " WHERE table_schema = DATABASE()"),
+    "sqlite": ("SELECT m.tbl_name, SUM(IIF(m.type = 'table', d.pgsize, 0)), SUM(IIF(m.type = 'index', d.pgsize, 0))"
+               " FROM dbstat AS d JOIN sqlite_master AS m USING (name) GROUP BY m.tbl_name"),
+}
 
 
-async def row_counts(db: str) -> tuple[int, int] | None:
+async def row_counts(db: Database) -> tuple[int, int] | None:
     """(sessions, tasks) in `db`, None when it or its tables do not exist."""
     try:
-        conn = await connect(db)
-    except trio_mysql.OperationalError:
+        conn = await db.connect()
+    except db.missing:
         return None
     try:
-        ((sessions, tasks),) = await rows(conn, "SELECT (SELECT COUNT(*) FROM translation_sessions),"
-                                                " (SELECT COUNT(*) FROM translation_tasks)")
+        ((sessions, tasks),) = await conn.rows("SELECT (SELECT COUNT(*) FROM translation_sessions),"
+                                               " (SELECT COUNT(*) FROM translation_tasks)")
         return int(sessions), int(tasks)
-    except trio_mysql.ProgrammingError:
+    except db.missing:
         return None
     finally:
         conn.close()
@@ -324,7 +386,7 @@ async def row_counts(db: str) -> tuple[int, int] | None:
 @dataclass
 class Stored:
     """What the calls are built from, and what their answers are checked against."""
-    database: str
+    database: Database
     sessions: list[tuple[str, str, int]]  # (session_id, status, total_tasks)
     large: dict[int, str]  # task count -> session_id of the two large sessions
     # per large session: (status, sheet_name) -> tasks; status or sheet None means any
@@ -334,30 +396,29 @@ class Stored:
     sizes_mb: dict[str, tuple[float, float]]  # table -> (data, indexes)
 
 
-async def read_stored(db: str) -> Stored:
-    conn = await connect(db)
+async def read_stored(db: Database) -> Stored:
+    conn = await db.connect()
     try:
-        sessions = [(sid, status, int(n)) for sid, status, n in await rows(
-            conn, "SELECT session_id, status, total_tasks FROM translation_sessions ORDER BY session_id")]
+        sessions = [(sid, status, int(n)) for sid, status, n in await conn.rows(
+            "SELECT session_id, status, total_tasks FROM translation_sessions ORDER BY session_id")]
         large = {n: sid for sid, _, n in sessions if n in {size for size, *_ in LARGE_SESSIONS}}
         large_counts = {sid: await status_sheet_counts(conn, sid) for sid in large.values()}
         by_status = {}
         for table in ("translation_sessions", "translation_tasks"):
-            by_status[table] = {status: int(n) for status, n in await rows(
-                conn, f"SELECT status, COUNT(*) FROM {table} GROUP BY status")}
-        sizes = {name: (data / 2**20, index / 2**20) for name, data, index in await rows(
-            conn, "SELECT table_name, data_length, index_length FROM information_schema.tables"
-                  " WHERE table_schema = %s", db)}
+            by_status[table] = {status: int(n) for status, n in await conn.rows(
+                f"SELECT status, COUNT(*) FROM {table} GROUP BY status")}
+        sizes = {name: (data / 2**20, index / 2**20) for name, data, index in await conn.rows(SIZES_SQL[db.backend])}
     finally:
         conn.close()
     return Stored(db, sessions, large, large_counts, by_status["translation_sessions"], by_status["translation_tasks"],
                   sizes)
 
 
-async def status_sheet_counts(conn: trio_mysql.Connection, session_id: str) -> dict[tuple[str | None, str | None], int]:
+async def status_sheet_counts(conn: MySQLReader | SQLiteReader,
+                              session_id: str) -> dict[tuple[str | None, str | None], int]:
     counts: dict[tuple[str | None, str | None], int] = {}
-    for status, sheet, n in await rows(conn, "SELECT status, sheet_name, COUNT(*) FROM translation_tasks"
-                                             " WHERE session_id = %s GROUP BY status, sheet_name", session_id):
+    for status, sheet, n in await conn.rows("SELECT status, sheet_name, COUNT(*) FROM translation_tasks"
+                                            " WHERE session_id = %s GROUP BY status, sheet_name", session_id):
         for key in ((status, sheet), (status, None), (None, sheet), (None, None)):
             counts[key] = counts.get(key, 0) + int(n)
     return counts
@@ -511,20 +572,23 @@ class Connection(HttpConnection):
 
 class Client:
     """One connection at a time, one call at a time. persistd (hypercorn) closes a
-    connection after 1000 requests; the next is opened in ready(), outside any timing."""
+    connection after 1000 requests, and one idle for keep_alive_timeout (5 s: the cold
+    stats calls wait longer); the next is opened in ready(), outside any timing."""
 
     def __init__(self, port: int) -> None:
-        self.port, self.conn = port, None
+        self.port, self.conn, self.answered = port, None, 0.0
 
     async def ready(self) -> None:
-        if self.conn is not None and self.conn.closed:
+        if self.conn is not None and (self.conn.closed or trio.current_time() - self.answered > IDLE_REOPEN_S):
             await self.conn.aclose()
             self.conn = None
         if self.conn is None:
             self.conn = await Connection.open(self.port)
 
     async def request(self, call: Call) -> Response:
-        return await self.conn.request(call.method, call.target)
+        response = await self.conn.request(call.method, call.target)
+        self.answered = trio.current_time()
+        return response
 
     async def aclose(self) -> None:
         if self.conn is not None:
@@ -555,14 +619,14 @@ class Result:
         return None if self.group.target_ms is None else self.ms(0.99) <= self.group.target_ms
 
 
-async def run_group(client: Client, group: Group, budget_s: float, daemon_pid: int) -> Result:
+async def run_group(client: Client, group: Group, budget_s: float, daemon_pid: int, server_pid: int | None) -> Result:
     result = Result(group)
     for call in group.warmup:
         await client.ready()
         await client.request(call)
     if group.target_ms is not None:
         budget_s = max(budget_s, 2 * len(group.calls) * group.target_ms / 1000)
-    cpu_before, started = CpuUse.now(cpu_seconds(daemon_pid)), time.perf_counter()
+    cpu_before, started = CpuUse.now(cpu_seconds(daemon_pid), server_pid), time.perf_counter()
     for call in group.calls:
         if time.perf_counter() - started > budget_s:
             result.stopped_early = True
@@ -582,7 +646,7 @@ async def run_group(client: Client, group: Group, budget_s: float, daemon_pid: i
         else:
             result.errors.append(f"{call.method} {call.target}: HTTP {response.status} {response.body[:200]!r}")
     result.seconds = time.perf_counter() - started
-    result.cpu = CpuUse.now(cpu_seconds(daemon_pid)) - cpu_before
+    result.cpu = CpuUse.now(cpu_seconds(daemon_pid), server_pid) - cpu_before
     return result
 
 
@@ -646,7 +710,7 @@ async def verify(results: list[Result], stored: Stored) -> tuple[list[str], int]
     """Answers on their own, one total per filter, sampled totals against COUNT(*), stats.
     Returns the problems and how many totals were compared with COUNT(*)."""
     problems, rng, compared = [], random.Random(SEED + 2), 0
-    conn = await connect(stored.database)
+    conn = await stored.database.connect()
     try:
         for result in results:
             totals: dict[tuple, tuple[Call, int]] = {}
@@ -659,7 +723,7 @@ async def verify(results: list[Result], stored: Stored) -> tuple[list[str], int]
                         problems.append(f"{call.target}: count {n}, but {first[1]} for {first[0].target}")
             for call, n in rng.sample(list(totals.values()), min(VERIFIED_FILTERS, len(totals))):
                 sql, args = count_sql(call)
-                ((expected,),) = await rows(conn, sql, *args)
+                ((expected,),) = await conn.rows(sql, *args)
                 compared += 1
                 if int(expected) != n:
                     problems.append(f"{call.target}: count {n}, COUNT(*) says {expected}")
@@ -680,22 +744,23 @@ def check_stats(result: Result, stored: Stored) -> list[str]:
 # ── the daemon ───────────────────────────────────────────────────────────────────────
 
 
-async def counts_kept(db: str) -> bool:
-    """Whether task_counts holds rows: a data set just loaded has none, and the daemon's start counts it."""
-    conn = await connect(db)
+async def counts_kept(db: Database) -> bool:
+    """Whether task_counts holds rows: a data set just loaded into MariaDB has none, and the
+    daemon's start counts it (SQLite's triggers count the rows as they are loaded)."""
+    conn = await db.connect()
     try:
-        ((kept,),) = await rows(conn, "SELECT EXISTS (SELECT 1 FROM task_counts)")
+        ((kept,),) = await conn.rows("SELECT EXISTS (SELECT 1 FROM task_counts)")
         return bool(kept)
     finally:
         conn.close()
 
 
-def start_daemon(port: int, tmp: Path, db: str) -> Daemon:
+def start_daemon(port: int, tmp: Path, db: Database) -> Daemon:
     config, state_dir = tmp / "persistd.toml", tmp / "state"
     config.write_text(f'[server]\nport = {port}\n'
-                      f'[database]\nurl = "mysql://root@127.0.0.1:3306/{db}"\nread_timeout = 60.0\n'
+                      f'[database]\nurl = "{db.url}"\nread_timeout = 60.0\n'
                       f'[state]\ndir = "{state_dir}"\n[janitor]\ninterval = 0\n')
-    log_path = RESULTS_DIR / "read_path.log"
+    log_path = RESULTS_DIR / f"read_path-{db.backend}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
     counted = trio.run(counts_kept, db)
     with open(log_path, "wb") as log:  # run from its parent directory, `-m` finds the persistd imported here
@@ -715,12 +780,12 @@ def start_daemon(port: int, tmp: Path, db: str) -> Daemon:
     return daemon
 
 
-async def drive(groups: list[Group], port: int, budget_s: float, daemon_pid: int) -> list[Result]:
-    client, results = Client(port), []
+async def drive(groups: list[Group], port: int, budget_s: float, daemon_pid: int, db: Database) -> list[Result]:
+    client, results, server_pid = Client(port), [], db.server_pid()
     try:
         for group in groups:
-            results.append(await run_group(client, group, budget_s, daemon_pid))
-            print(describe(results[-1]), flush=True)
+            results.append(await run_group(client, group, budget_s, daemon_pid, server_pid))
+            print(describe(results[-1], db.server), flush=True)
     finally:
         await client.aclose()
     return results
@@ -735,12 +800,12 @@ def verdict(result: Result) -> str:
     return f"≤ {result.group.target_ms:g} " + ("✓" if result.met else "✗")
 
 
-def describe(result: Result) -> str:
+def describe(result: Result, server: str | None) -> str:
     r, n = result, len(result.latencies)
     early = f" (stopped at its time budget after {r.seconds:.0f} s)" if r.stopped_early else ""
     lines = [f"{r.group.name}: {n} calls{early}, p50 {r.ms(0.5):.1f} ms, p99 {r.ms(0.99):.1f} ms, "
              f"max {r.ms(1.0):.1f} ms, target p99 {verdict(r)}; {r.response_bytes / max(n, 1) / 1024:.0f} KiB per answer, "
-             f"{len(r.errors)} not 200", f"  {r.cpu.describe('daemon', r.seconds)}"]
+             f"{len(r.errors)} not 200", f"  {r.cpu.describe('daemon', r.seconds, server)}"]
     if not r.met:
         lines += [f"  slow: {1000 * seconds:.0f} ms {call.method} {call.target}"
                   for seconds, call in sorted(r.timed, key=lambda t: -t[0])[:SLOWEST_SHOWN]]
@@ -771,7 +836,11 @@ def describe_data(stored: Stored) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database", default=DEFAULT_DB, help=f"where the data set is (default {DEFAULT_DB})")
+    parser.add_argument("--backend", choices=list(DATABASES), default="mysql",
+                        help="the daemon's database: MariaDB here, or a SQLite file (default mysql)")
+    parser.add_argument("--database", default=DEFAULT_DB,
+                        help=f"where the data set is: a MariaDB database, or for sqlite bench-results/DATABASE/persistd.db"
+                             f" (default {DEFAULT_DB})")
     parser.add_argument("--reuse", action="store_true", help="use the database as it is when its row counts match")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per endpoint group (default 200)")
     parser.add_argument("--budget", type=float, default=120.0,
@@ -786,28 +855,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-    version = code_version()
-    print(f"$ {command}\n{version}\n{server_info()}", flush=True)
-    db = args.database
+    version, db = code_version(), data_set_database(args.backend, args.database)
+    print(f"$ {command}\n{version}\n{db.info()}", flush=True)
     if args.reuse and trio.run(row_counts, db) == (N_SESSIONS, N_TASKS) and schema_is_current(db):
-        print(f"reusing {db} ({N_SESSIONS:,} sessions, {N_TASKS:,} tasks, tables as {SCHEMA_PATH} creates them)",
+        print(f"reusing the {db} ({N_SESSIONS:,} sessions, {N_TASKS:,} tasks, tables as sql/{db.backend}.sql creates them)",
               flush=True)
     else:
-        print(f"loading {db}: {N_SESSIONS:,} sessions, {N_TASKS:,} tasks", flush=True)
+        print(f"loading the {db}: {N_SESSIONS:,} sessions, {N_TASKS:,} tasks", flush=True)
         print(f"  loaded in {load_data_set(db):.0f} s", flush=True)
         if (counts := trio.run(row_counts, db)) != (N_SESSIONS, N_TASKS):
-            raise BenchError(f"{db} holds {counts} (sessions, tasks) after loading")
+            raise BenchError(f"the {db} holds {counts} (sessions, tasks) after loading")
     stored = trio.run(read_stored, db)
     print(describe_data(stored), flush=True)
     groups = [g for g in build_groups(stored, args.calls, args.stats_cold_calls) if not args.only or g.key in args.only]
     RESULTS_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="persistd-readbench-") as tmp:
-        version = code_version()  # the daemon loads the file once, at its start
+        version = code_version()  # the daemon loads the files once, at its start
         daemon = start_daemon(args.port, Path(tmp), db)
         if code_version() != version:
-            print(f"WARNING: {version.split()[0]} changed while the daemon started; it runs one of two versions")
+            print("WARNING: persistd's code changed while the daemon started; it runs one of two versions")
         try:
-            results = trio.run(drive, groups, args.port, args.budget, daemon.process.pid)
+            results = trio.run(drive, groups, args.port, args.budget, daemon.process.pid, db)
         finally:
             log_problems = stop_daemon(daemon)
     problems, compared = trio.run(verify, results, stored)
@@ -817,7 +885,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{table(results)}\n\nCommand: `{command}`; daemon {version}")
     if problems:
         raise BenchError(f"{len(problems)} answers wrong or refused:\n  " + "\n  ".join(problems[:20]))
-    print(f"\nAll answers 200 and consistent; {compared} sampled totals equal COUNT(*) in MariaDB.")
+    print(f"\nAll answers 200 and consistent; {compared} sampled totals equal COUNT(*) in the {db}.")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Write-path benchmark for persistd: 1000-row HTTP batches in, rows in MariaDB out.
+"""Write-path benchmark for persistd: 1000-row HTTP batches in, rows in the database out.
 
 Workload (the issue's): S sessions x T tasks (default 20 x 5000) of realistic rows - source
 texts of 20-200 characters mixing CJK, Latin and emoji, JSON game_info and metadata on the
@@ -8,54 +8,71 @@ the session row ("processing"), its pending batches, its completed batches, the 
 row again ("completed"). At concurrency N, N workers - each with one keep-alive HTTP
 connection - take the streams one at a time, so N streams run in parallel.
 
-Per concurrency level, each on a freshly dropped and recreated database (with the empty tables
-of sql/schema.sql, as for the ceiling) and a fresh daemon process (`python -m persistd
---config FILE`, stopped with SIGTERM, must exit 0):
+--backend picks the daemon's database. mysql (the default): the MariaDB database
+persistd_bench, dropped and recreated for each level with the empty tables of sql/mysql.sql.
+sqlite: a file persistd.db in a fresh temporary directory for each level, created in WAL mode
+with the empty tables of sql/sqlite.sql (the url is sqlite:////that/dir/persistd.db); this
+script reads it back with the standard library's sqlite3. Per concurrency level, on such a
+fresh database and with a fresh daemon process (`python -m persistd --config FILE`, stopped
+with SIGTERM, must exit 0):
 
   accepted rows/s     rows acknowledged with 202 / wall time of the sending phase
   ack p50/p99/max     per 1000-row task batch: from starting to send the request to having
                       the whole 202 response (503 answers, their waits and resends included)
   end-to-end          row-writes sent (sessions and tasks, each written twice) / time from the
-                      first request until, after POST /flush, a count query in MariaDB
+                      first request until, after POST /flush, a count query in the database
                       confirmed every row with its final status
   peak RSS            VmHWM of the daemon process at the end
   503 retries         batches answered 503 (buffer full) and resent after min(Retry-After, 50 ms)
 
 Also printed per level: the latency of single requests, the rows the daemon actually wrote
 (it coalesces the two writes of a task when both wait in one flush), and the CPU seconds of
-the daemon, MariaDB, this script and all other processes over the timed interval - on a
-shared 2-core machine a large "other processes" figure means the run was disturbed. The
-first lines name the daemon.py measured (path, sha256, commit); a warning follows the table
-if that file changed during the run.
+the daemon, MariaDB (mysql only: SQLite runs inside the daemon, whose figure includes it),
+this script and all other processes over the timed interval - on a shared 2-core machine a
+large "other processes" figure means the run was disturbed (with sqlite, MariaDB serving
+anyone else counts there too). The first lines name the code measured (persistd/*.py and
+sql/*.sql: paths, one sha256 over them, commit); a warning follows the table if it changed
+during the run.
 
 After the timed interval every session and task is read back and compared with what was sent;
 anything missing or wrong ends the script with a non-zero exit, as does any request refused,
 a dead-letter file, or a daemon that does not exit 0. Warnings and errors in the daemon's
 log are printed (they do not fail the run).
 
-Ceiling, measured once: the same upserts in the same order (the concurrency-1 order), each
-request's rows as one multi-row INSERT ... ON DUPLICATE KEY UPDATE built with persistd's own
-statement builder (statement_frame, sql_value, sql_time), are written to a .sql file and timed
-as `mariadb --default-character-set=utf8mb4 DB < file.sql` (the client's default, utf8mb3,
-cannot carry emoji) into a fresh database created from sql/schema.sql. The file starts
-with the daemon's own session setup (time_zone '+00:00', strict sql_mode) and runs with
-autocommit: one commit per statement, i.e. per 1000-row batch (the daemon commits once per
-flush; flush_rows = 1000 makes most of its flushes 1000 rows or more under this load).
+Ceiling, measured once, into a fresh database of the same backend: the same upserts in the
+same order (the concurrency-1 order), read back and compared like a level's.
+- mysql: each request's rows as one multi-row INSERT ... ON DUPLICATE KEY UPDATE built with
+  persistd's own statement builder (statement_frame, sql_value, sql_time), written to a
+  .sql file and timed as `mariadb --default-character-set=utf8mb4 DB < file.sql` (the
+  client's default, utf8mb3, cannot carry emoji). The file starts with the daemon's own
+  session setup (time_zone '+00:00', strict sql_mode) and runs with autocommit: one commit
+  per statement, i.e. per 1000-row batch. It writes no task_counts (the daemon's MySQL
+  backend does, in the same transaction).
+- sqlite: each request's rows bound as persistd's SQLite backend binds them (upsert_sql's
+  INSERT ... ON CONFLICT (key) DO UPDATE, db_value, seconds), before the timing; timed: this
+  script running them with sqlite3's executemany, BEGIN IMMEDIATE ... COMMIT around each
+  request, i.e. one transaction per 1000-row batch, on a connection with the daemon
+  writer's pragmas (WAL, synchronous=FULL, foreign keys). sql/sqlite.sql's triggers keep
+  task_counts in those transactions, as in the daemon.
+The daemon commits once per flush; flush_rows = 1000 makes most of its flushes 1000 rows or
+more under this load.
 
 The client is trio + h11 in this process. Every request body is generated and
 msgspec-encoded before the timed phase, so that on a 2-core machine the client takes as
-little CPU as possible from the daemon and MariaDB. Daemon logs go to bench-results/. The
-databases persistd_bench and persistd_bench_ceiling are dropped when done, unless --keep
-(after a failure they are left for inspection).
+little CPU as possible from the daemon and the database. Daemon logs go to
+bench-results/write_path-BACKEND-JOURNAL-cN.log. The databases persistd_bench and
+persistd_bench_ceiling (sqlite: their temporary directories) are dropped when done, unless
+--keep (after a failure they are left for inspection).
 
 Usage:
-  .venv/bin/python bench/write_path.py [--levels 1,4,16] [--sessions 20]
-      [--tasks-per-session 5000] [--port 18001] [--keep]
+  .venv/bin/python bench/write_path.py [--backend mysql|sqlite] [--levels 1,4,16] [--sessions 20]
+      [--tasks-per-session 5000] [--port 18001] [--journal fsync|write|off] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import hashlib
 import math
 import operator
@@ -63,7 +80,9 @@ import os
 import random
 import resource
 import shlex
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -80,12 +99,16 @@ import trio
 import trio_mysql
 
 import persistd.daemon
+import persistd.sql
 
-from persistd.daemon import (SESSION_SETUP, SESSIONS, STATEMENT_MAX_BYTES, STATEMENT_MAX_ROWS, TASKS, Entry,
-                             SessionIn, TaskIn, group_by_shape, sql_time, sql_value, statement_frame)
+from persistd.daemon import SESSION_SETUP, STATEMENT_MAX_BYTES, STATEMENT_MAX_ROWS, Entry, SessionIn, TaskIn
+from persistd.mysql import sql_time, sql_value, statement_frame
+from persistd.sqlite import db_value, seconds, upsert_sql
+from persistd.storage import SESSIONS, TASKS, Table, group_by_shape, read_schema
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_FILE = Path(persistd.daemon.__file__).resolve()
+SQL_DIR = Path(persistd.sql.__file__).resolve().parent  # the schema files the daemon applies
 RESULTS_DIR = REPO / "bench-results"
 BENCH_DB = "persistd_bench"
 CEILING_DB = "persistd_bench_ceiling"
@@ -211,38 +234,140 @@ def task_rows(rng: random.Random, corpus: str, n: int, session_id: str, tasks: i
     return pending, completed
 
 
-# ── MariaDB ──────────────────────────────────────────────────────────────────────────
+# ── the database: MariaDB or a SQLite file ───────────────────────────────────────────
 
 
-def mariadb(*args: str, stdin=None) -> str:
-    done = subprocess.run([*MARIADB_CLI, *args], stdin=stdin, capture_output=True, text=True)
+def mariadb(*args: str, stdin=None, sql: str | None = None) -> str:
+    done = subprocess.run([*MARIADB_CLI, *args], stdin=stdin, input=sql, capture_output=True, text=True)
     if done.returncode != 0:
         raise BenchError(f"mariadb {shlex.join(args)}: {done.stderr.strip()}")
     return done.stdout
 
 
-def fresh_database(name: str) -> None:
-    """Dropped, created and given the tables of sql/schema.sql (empty), for the ceiling and
-    the daemon alike: neither pays for creating tables in its timed interval."""
-    mariadb("-e", f"DROP DATABASE IF EXISTS `{name}`; CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    with open(REPO / "sql" / "schema.sql", "rb") as schema:
-        mariadb(name, stdin=schema)
+class MySQLDatabase:
+    """A database of the local MariaDB server, read here through trio_mysql."""
+
+    backend, server = "mysql", "MariaDB"
+    missing = (trio_mysql.OperationalError, trio_mysql.ProgrammingError)  # no such database, no such table
+
+    def __init__(self, name: str) -> None:
+        self.name, self.url = name, f"mysql://root@127.0.0.1:3306/{name}"
+
+    def __str__(self) -> str:
+        return f"MariaDB database {self.name}"
+
+    @classmethod
+    def scratch(cls, name: str) -> MySQLDatabase:
+        return cls(name)
+
+    def create(self) -> None:
+        """Dropped, created and given the tables of the daemon's mysql.sql (empty)."""
+        mariadb("-e", f"DROP DATABASE IF EXISTS `{self.name}`; CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4")
+        mariadb(self.name, sql=read_schema("mysql.sql"))
+
+    def drop(self) -> None:
+        mariadb("-e", f"DROP DATABASE IF EXISTS `{self.name}`")
+
+    async def connect(self) -> MySQLReader:
+        conn = trio_mysql.connect(**MYSQL, database=self.name, charset="utf8mb4", use_unicode=True, autocommit=True,
+                                  init_command=SESSION_SETUP)
+        await conn.connect()
+        return MySQLReader(conn)
+
+    @staticmethod
+    def server_pid() -> int | None:
+        """The local server's process, to account for its CPU; None when it is not local."""
+        found = subprocess.run(["pidof", "mariadbd", "mysqld"], capture_output=True, text=True).stdout.split()
+        return int(found[0]) if found else None
+
+    @staticmethod
+    def info() -> str:
+        version, flush_log, pool_mb = mariadb("-N", "-e", "SELECT VERSION(), @@innodb_flush_log_at_trx_commit, "
+                                              "@@innodb_buffer_pool_size DIV 1048576").split()
+        return (f"MariaDB {version} (innodb_flush_log_at_trx_commit={flush_log}, buffer pool {pool_mb} MB), "
+                f"{os.cpu_count()} CPUs shared by client, daemon and server")
 
 
-def drop_database(name: str) -> None:
-    mariadb("-e", f"DROP DATABASE IF EXISTS `{name}`")
+class MySQLReader:
+    def __init__(self, conn: trio_mysql.Connection) -> None:
+        self.conn = conn
+
+    async def rows(self, sql: str, *args: object) -> list[tuple]:
+        """The rows of `sql`, whose %s placeholders take `args`."""
+        async with self.conn.cursor() as cursor:
+            await cursor.execute(sql, args or None)
+            return list(await cursor.fetchall())
+
+    def close(self) -> None:
+        self.conn.close()
 
 
-async def connect_db(name: str) -> trio_mysql.Connection:
-    conn = trio_mysql.connect(**MYSQL, database=name, charset="utf8mb4", use_unicode=True, autocommit=True)
-    await conn.connect()
-    return conn
+class SQLiteDatabase:
+    """A file persistd.db alone in its directory (with its -wal and -shm), read and written
+    here through the standard library's sqlite3."""
+
+    backend, server = "sqlite", None  # no server: SQLite runs inside the process that opens the file
+    missing = (sqlite3.OperationalError,)  # no such file, no such table
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.url = path, f"sqlite:///{path}"  # an absolute path: sqlite:////dir/persistd.db
+
+    def __str__(self) -> str:
+        return f"SQLite file {self.path}"
+
+    @classmethod
+    def scratch(cls, name: str) -> SQLiteDatabase:
+        """persistd.db in a fresh temporary directory."""
+        return cls(Path(tempfile.mkdtemp(prefix=f"{name}-")) / "persistd.db")
+
+    def create(self) -> None:
+        """The directory emptied, the file created in WAL mode with the tables of the daemon's sqlite.sql (empty)."""
+        self.drop()
+        self.path.parent.mkdir(parents=True)
+        self.writer().close()
+
+    def drop(self) -> None:
+        if self.path.parent.exists():
+            shutil.rmtree(self.path.parent)
+
+    def writer(self) -> sqlite3.Connection:
+        """A connection with the pragmas of persistd's writer (foreign keys, synchronous=FULL, WAL)
+        that leaves transactions to BEGIN and COMMIT; creates the tables that are missing."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(read_schema("sqlite.sql"))
+        return conn
+
+    async def connect(self) -> SQLiteReader:
+        return SQLiteReader(sqlite3.connect(f"{self.path.as_uri()}?mode=rw", uri=True))
+
+    @staticmethod
+    def server_pid() -> None:
+        return None
+
+    @staticmethod
+    def info() -> str:
+        return (f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL) inside the daemon's process, "
+                f"{os.cpu_count()} CPUs shared by client and daemon")
 
 
-async def query(conn: trio_mysql.Connection, sql: str) -> tuple:
-    async with conn.cursor() as cursor:
-        await cursor.execute(sql)
-        return await cursor.fetchall()
+class SQLiteReader:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    async def rows(self, sql: str, *args: object) -> list[tuple]:
+        """MySQLReader.rows() on SQLite: %s becomes ?, a datetime (naive: UTC) its seconds since 1970."""
+        values = [calendar.timegm(a.utctimetuple()) if isinstance(a, datetime) else a for a in args]
+        return self.conn.execute(sql.replace("%s", "?"), values).fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+Database = MySQLDatabase | SQLiteDatabase
+DATABASES = {"mysql": MySQLDatabase, "sqlite": SQLiteDatabase}
 
 
 COUNTS_SQL = """SELECT
@@ -252,21 +377,21 @@ COUNTS_SQL = """SELECT
     (SELECT COUNT(*) FROM translation_tasks WHERE status = 'completed' AND target_text IS NOT NULL)"""
 
 
-async def confirm_counts(conn: trio_mysql.Connection, workload: Workload) -> None:
+async def confirm_counts(conn: MySQLReader | SQLiteReader, db: Database, workload: Workload) -> None:
     """The quick check that closes the end-to-end interval."""
-    (counts,) = await query(conn, COUNTS_SQL)
+    (counts,) = await conn.rows(COUNTS_SQL)
     expected = (len(workload.sessions),) * 2 + (len(workload.tasks),) * 2
     if tuple(map(int, counts)) != expected:
-        raise BenchError(f"after /flush MySQL holds (sessions, completed, tasks, completed with target_text) "
+        raise BenchError(f"after /flush the {db} holds (sessions, completed, tasks, completed with target_text) "
                          f"= {tuple(counts)}, expected {expected}")
 
 
-async def verify_rows(db_name: str, workload: Workload) -> None:
+async def verify_rows(db: Database, workload: Workload) -> None:
     """Every session and task is stored once, with its final status and values."""
-    conn = await connect_db(db_name)
+    conn = await db.connect()
     try:
-        sessions = await query(conn, "SELECT session_id, status, completed_tasks, game_info FROM translation_sessions")
-        tasks = await query(conn, "SELECT task_id, session_id, status, target_text, confidence FROM translation_tasks")
+        sessions = await conn.rows("SELECT session_id, status, completed_tasks, game_info FROM translation_sessions")
+        tasks = await conn.rows("SELECT task_id, session_id, status, target_text, confidence FROM translation_tasks")
     finally:
         conn.close()
     stored_sessions = {sid: (status, done, msgspec.json.decode(info)) for sid, status, done, info in sessions}
@@ -274,7 +399,7 @@ async def verify_rows(db_name: str, workload: Workload) -> None:
                     for tid, sid, status, target, conf in tasks}
     problems = compare("session", workload.sessions, stored_sessions) + compare("task", workload.tasks, stored_tasks)
     if problems:
-        raise BenchError(f"{len(problems)} rows missing or wrong in {db_name}, e.g.:\n  " + "\n  ".join(problems[:10]))
+        raise BenchError(f"{len(problems)} rows missing or wrong in the {db}, e.g.:\n  " + "\n  ".join(problems[:10]))
 
 
 def compare(kind: str, expected: dict, stored: dict) -> list[str]:
@@ -300,12 +425,6 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / CLOCK_TICKS
 
 
-def mariadbd_pid() -> int | None:
-    """The local server's process, to account for its CPU; None when it is not local."""
-    found = subprocess.run(["pidof", "mariadbd", "mysqld"], capture_output=True, text=True).stdout.split()
-    return int(found[0]) if found else None
-
-
 def children_cpu_seconds() -> float:
     """CPU of this script's finished child processes (the mariadb client)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -313,25 +432,28 @@ def children_cpu_seconds() -> float:
 
 
 class CpuUse(NamedTuple):
-    """CPU seconds used by the subject (the daemon, or the mariadb client for the ceiling),
-    the MariaDB server, this script and the whole machine. What is left over was used by other
-    processes: on a shared machine, a sign that the figures were disturbed."""
+    """CPU seconds used by the subject (the daemon, or the mariadb client for the MySQL ceiling;
+    none for the SQLite ceiling, which this script runs), the MariaDB server (none for SQLite,
+    which runs inside the daemon), this script and the whole machine. What is left over was
+    used by other processes: on a shared machine, a sign that the figures were disturbed."""
     subject: float
     server: float
     script: float
     machine: float
 
     @classmethod
-    def now(cls, subject: float) -> CpuUse:
-        return cls(subject, cpu_seconds(mariadbd_pid()), time.process_time(), machine_busy_seconds())
+    def now(cls, subject: float, server_pid: int | None) -> CpuUse:
+        return cls(subject, cpu_seconds(server_pid), time.process_time(), machine_busy_seconds())
 
     def __sub__(self, other: CpuUse) -> CpuUse:
         return CpuUse(*(a - b for a, b in zip(self, other)))
 
-    def describe(self, subject: str, seconds: float) -> str:
-        others = self.machine - self.subject - self.server - self.script
-        return (f"CPU seconds ({os.cpu_count()} cores x {seconds:.1f} s): {subject} {self.subject:.1f}, "
-                f"MariaDB {self.server:.1f}, this script {self.script:.1f}, other processes {others:.1f}")
+    def describe(self, subject: str | None, seconds: float, server: str | None) -> str:
+        """`subject` None: the work was this script's own; `server` None: there is none (SQLite)."""
+        named = [(subject, self.subject), (server, self.server), ("this script", self.script),
+                 ("other processes", self.machine - self.subject - self.server - self.script)]
+        used = ", ".join(f"{name} {cpu:.1f}" for name, cpu in named if name is not None)
+        return f"CPU seconds ({os.cpu_count()} cores x {seconds:.1f} s): {used}"
 
 
 def proc_status_kb(pid: int, key: str) -> int:
@@ -341,17 +463,23 @@ def proc_status_kb(pid: int, key: str) -> int:
     raise BenchError(f"no {key} in /proc/{pid}/status")
 
 
-# ── ceiling: the same upserts through the mariadb client ─────────────────────────────
+# ── ceiling: the same upserts, straight into the database ────────────────────────────
 
 ROW_TYPES = {PATHS["sessions"]: (SESSIONS, "sessions", SessionIn), PATHS["tasks"]: (TASKS, "tasks", TaskIn)}
 
 
-def upsert_statements(req: Request, at: datetime) -> list[tuple[str, int]]:
-    """(statement, rows) as persistd's upsert() builds them for this request's rows."""
+def entries(req: Request, at: datetime) -> tuple[Table, list[Entry]]:
+    """The request's rows as the buffer hands them to a flush, accepted at `at`."""
     table, key, row_type = ROW_TYPES[req.path]
     rows = msgspec.json.decode(req.body, type=dict[str, list[row_type]])[key]
+    return table, [Entry(row, at, at, 0) for row in rows]
+
+
+def mysql_statements(req: Request, at: datetime) -> list[tuple[str, int]]:
+    """(statement, rows) as persistd's MySQL upsert builds them for this request's rows."""
+    table, accepted = entries(req, at)
     statements = []
-    for shape, group in group_by_shape(table, [Entry(row, at, at, 0) for row in rows]).items():
+    for shape, group in group_by_shape(table, accepted).items():
         columns = table.required + shape
         head, tail = statement_frame(table, columns)
         values_of = operator.attrgetter(*columns)
@@ -363,6 +491,18 @@ def upsert_statements(req: Request, at: datetime) -> list[tuple[str, int]]:
     return statements
 
 
+def sqlite_statements(req: Request, at: datetime) -> list[tuple[str, list[tuple]]]:
+    """(statement, rows) as persistd's SQLite upsert binds them for this request's rows."""
+    table, accepted = entries(req, at)
+    statements = []
+    for shape, group in group_by_shape(table, accepted).items():
+        columns = table.required + shape
+        statements.append((upsert_sql(table, columns), [
+            (*[db_value(getattr(e.row, c)) for c in columns], seconds(e.created_at), seconds(e.updated_at))
+            for e in group]))
+    return statements
+
+
 def write_ceiling_sql(workload: Workload, path: Path) -> int:
     """The .sql file; returns the row-writes in it."""
     at = datetime.now(timezone.utc).replace(microsecond=0)
@@ -371,7 +511,7 @@ def write_ceiling_sql(workload: Workload, path: Path) -> int:
         f.write(SESSION_SETUP + ";\n")
         for stream in workload.streams:
             for req in stream:
-                for statement, rows in upsert_statements(req, at):
+                for statement, rows in mysql_statements(req, at):
                     f.write(statement + ";\n")
                     row_writes += rows
     return row_writes
@@ -379,32 +519,62 @@ def write_ceiling_sql(workload: Workload, path: Path) -> int:
 
 @dataclass
 class Ceiling:
+    how: str  # what was timed, as the table names it
+    detail: str  # and how, for the line printed
     row_writes: int
     seconds: float
-    file_mb: float
-    cpu: CpuUse
+    cpu: str  # the CPU used over the timed interval, described
 
     @property
     def rate(self) -> float:
         return self.row_writes / self.seconds
 
 
-def measure_ceiling(workload: Workload, tmp: Path, keep: bool) -> Ceiling:
+def measure_ceiling(workload: Workload, tmp: Path, db: Database, keep: bool) -> Ceiling:
     """Its database is dropped at once (unless `keep`), so that its pages do not linger in
-    the buffer pool while the daemon runs."""
+    the buffer pool or the page cache while the daemon runs."""
+    db.create()
+    ceiling = mysql_ceiling(workload, tmp, db) if db.backend == "mysql" else sqlite_ceiling(workload, db)
+    trio.run(verify_rows, db, workload)
+    if not keep:
+        db.drop()
+    return ceiling
+
+
+def mysql_ceiling(workload: Workload, tmp: Path, db: MySQLDatabase) -> Ceiling:
     path = tmp / "ceiling.sql"
     row_writes = write_ceiling_sql(workload, path)
-    fresh_database(CEILING_DB)
+    server_pid = db.server_pid()
     with open(path, "rb") as sql:
-        cpu_before = CpuUse.now(children_cpu_seconds())
+        cpu_before = CpuUse.now(children_cpu_seconds(), server_pid)
         started = time.perf_counter()
-        mariadb(CEILING_DB, stdin=sql)
-        seconds = time.perf_counter() - started
-        cpu = CpuUse.now(children_cpu_seconds()) - cpu_before
-    trio.run(verify_rows, CEILING_DB, workload)
-    if not keep:
-        drop_database(CEILING_DB)
-    return Ceiling(row_writes, seconds, path.stat().st_size / 2**20, cpu)
+        mariadb(db.name, stdin=sql)
+        elapsed = time.perf_counter() - started
+        cpu = CpuUse.now(children_cpu_seconds(), server_pid) - cpu_before
+    return Ceiling("`mariadb < file.sql`", f"{path.stat().st_size / 2**20:.0f} MB of SQL, autocommit: one commit per "
+                   f"{BATCH_ROWS}-row statement", row_writes, elapsed, cpu.describe("mariadb client", elapsed, db.server))
+
+
+def sqlite_ceiling(workload: Workload, db: SQLiteDatabase) -> Ceiling:
+    """Each request's statements run as one transaction by this script, their rows bound beforehand."""
+    at = datetime.now(timezone.utc).replace(microsecond=0)
+    transactions = [sqlite_statements(req, at) for stream in workload.streams for req in stream]
+    conn = db.writer()
+    try:
+        cpu_before = CpuUse.now(0.0, None)
+        started = time.perf_counter()
+        for statements in transactions:
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, rows in statements:
+                conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        cpu = CpuUse.now(0.0, None) - cpu_before
+    finally:
+        conn.close()
+    row_writes = sum(len(rows) for statements in transactions for _, rows in statements)
+    return Ceiling("sqlite3 `executemany`, in-process", f"sqlite3 executemany in this process, one transaction per "
+                   f"request of up to {BATCH_ROWS} rows", row_writes, elapsed, cpu.describe(None, elapsed, None))
 
 
 # ── HTTP client ──────────────────────────────────────────────────────────────────────
@@ -545,28 +715,28 @@ class Level:
         return 1000 * ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
 
 
-async def drive_level(workload: Workload, port: int, concurrency: int, pid: int) -> Level:
+async def drive_level(workload: Workload, port: int, concurrency: int, pid: int, db: Database) -> Level:
     """The timed phase (send, /flush, count query), then the full check and the daemon's figures."""
     if (health := await get(port, "/health")).status != 200:
         raise BenchError(f"GET /health: {health.status} {health.body[:300]!r}")
-    db = await connect_db(BENCH_DB)
+    reader, server_pid = await db.connect(), db.server_pid()
     workers = [await HttpConnection.open(port) for _ in range(min(concurrency, len(workload.streams)))]
     stats, streams = SendStats(), iter(workload.streams)
-    cpu_before = CpuUse.now(cpu_seconds(pid))
+    cpu_before = CpuUse.now(cpu_seconds(pid), server_pid)
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for conn in workers:
             nursery.start_soon(send_streams, conn, streams, stats)
     sent = time.perf_counter()
     flush_503s = await flush(port)
-    await confirm_counts(db, workload)
+    await confirm_counts(reader, db, workload)
     confirmed = time.perf_counter()
     level = Level(concurrency, stats, sent - started, confirmed - started, workload.row_writes, flush_503s)
-    level.cpu = CpuUse.now(cpu_seconds(pid)) - cpu_before
-    db.close()
+    level.cpu = CpuUse.now(cpu_seconds(pid), server_pid) - cpu_before
+    reader.close()
     for conn in workers:
         await conn.aclose()
-    await verify_rows(BENCH_DB, workload)
+    await verify_rows(db, workload)
     level.metrics = parse_metrics((await get(port, "/api/v1/system/metrics")).body.decode())
     level.peak_rss_mb = proc_status_kb(pid, "VmHWM") / 1024
     return level
@@ -587,12 +757,16 @@ class Daemon:
     state_dir: Path
 
 
-def start_daemon(port: int, concurrency: int, journal: str, tmp: Path) -> Daemon:
+def log_file(backend: str, journal: str, concurrency: int) -> Path:
+    return RESULTS_DIR / f"write_path-{backend}-{journal}-c{concurrency}.log"
+
+
+def start_daemon(port: int, concurrency: int, journal: str, tmp: Path, db: Database) -> Daemon:
     state_dir = tmp / f"state-c{concurrency}"
     config = tmp / f"persistd-c{concurrency}.toml"
-    config.write_text(f'[server]\nport = {port}\n[database]\nurl = "mysql://root@127.0.0.1:3306/{BENCH_DB}"\n'
+    config.write_text(f'[server]\nport = {port}\n[database]\nurl = "{db.url}"\n'
                       f'[state]\ndir = "{state_dir}"\n[journal]\nmode = "{journal}"\n')
-    log_path = RESULTS_DIR / f"write_path-{journal}-c{concurrency}.log"
+    log_path = log_file(db.backend, journal, concurrency)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DAEMON_FILE.parents[1]), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
@@ -629,11 +803,11 @@ def stop_daemon(daemon: Daemon) -> list[str]:
     return [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
 
 
-def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp: Path) -> Level:
-    fresh_database(BENCH_DB)
-    daemon = start_daemon(port, concurrency, journal, tmp)
+def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp: Path, db: Database) -> Level:
+    db.create()
+    daemon = start_daemon(port, concurrency, journal, tmp, db)
     try:
-        level = trio.run(drive_level, workload, port, concurrency, daemon.process.pid)
+        level = trio.run(drive_level, workload, port, concurrency, daemon.process.pid, db)
     finally:
         log_problems = stop_daemon(daemon)
     level.log_problems = log_problems
@@ -647,7 +821,7 @@ def verdict(ok: bool) -> str:
     return "✓" if ok else "✗"
 
 
-def describe_level(level: Level, ceiling: Ceiling, log_path: Path) -> str:
+def describe_level(level: Level, ceiling: Ceiling, server: str | None, log_path: Path) -> str:
     m = level.metrics
     flushes = m.get("persistence_flush_total", 0)
     sessions_written = m.get('persistence_rows_written_total{type="session"}', 0)
@@ -662,7 +836,7 @@ def describe_level(level: Level, ceiling: Ceiling, log_path: Path) -> str:
         f"p99 {level.latency_ms(0.99, True):.1f} ms, max {level.latency_ms(1.0, True):.1f} ms",
         f"  end-to-end: {level.row_writes:,} row-writes in {level.e2e_s:.2f} s = {level.e2e_rate:,.0f} row-writes/s "
         f"= {level.e2e_rate / ceiling.rate:.2f}x ceiling (/flush answered 503 {level.flush_503s} times)",
-        f"  {level.cpu.describe('daemon', level.e2e_s)}",
+        f"  {level.cpu.describe('daemon', level.e2e_s, server)}",
         f"  daemon: peak RSS {level.peak_rss_mb:.0f} MB; "
         f"wrote {sessions_written:,.0f} session and {tasks_written:,.0f} task row-writes in {flushes:.0f} flushes "
         f"(mean {mean_flush_ms:.0f} ms), {m.get('persistence_flush_errors_total', 0):.0f} failed flushes",
@@ -685,25 +859,26 @@ def table(levels: list[Level], ceiling: Ceiling) -> str:
         rows.append(f"| {level.concurrency} | {level.accepted_rate:,.0f} | {level.latency_ms(0.5):.1f} | {p99_cell} "
                     f"| {level.latency_ms(1.0):.1f} | {level.e2e_rate:,.0f} | {ratio:.2f} {verdict(ratio >= TARGET_E2E_RATIO)} "
                     f"| {level.peak_rss_mb:.0f} {verdict(level.peak_rss_mb <= TARGET_RSS_MB)} | {level.stats.retries} |")
-    rows.append(f"| ceiling: `mariadb < file.sql` | – | – | – | – | {ceiling.rate:,.0f} | 1.00 | – | – |")
+    rows.append(f"| ceiling: {ceiling.how} | – | – | – | – | {ceiling.rate:,.0f} | 1.00 | – | – |")
     return "\n".join(rows)
 
 
+def measured_files() -> list[Path]:
+    """What the daemon runs: persistd's modules (the daemon, the storage seam, both backends)
+    and the schema files."""
+    return sorted(DAEMON_FILE.parent.glob("*.py")) + sorted(SQL_DIR.glob("*.sql"))
+
+
 def code_version() -> str:
-    """Which persistd is measured (the daemon runs the same file): results go with a version."""
+    """Which persistd is measured (the daemon runs the same files): results go with a version."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(DAEMON_FILE.parent), *args], capture_output=True, text=True).stdout.strip()
-    digest = hashlib.sha256(DAEMON_FILE.read_bytes()).hexdigest()[:12]
+    files = measured_files()
+    digest = hashlib.sha256(b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)).hexdigest()[:12]
     commit = git("rev-parse", "--short", "HEAD")
-    state = "modified since" if git("status", "--porcelain", "--", DAEMON_FILE.name) else "as in"
-    return f"{DAEMON_FILE} sha256 {digest}" + (f" ({state} commit {commit})" if commit else "")
-
-
-def server_info() -> str:
-    version, flush_log, pool_mb = mariadb("-N", "-e", "SELECT VERSION(), @@innodb_flush_log_at_trx_commit, "
-                                          "@@innodb_buffer_pool_size DIV 1048576").split()
-    return (f"MariaDB {version} (innodb_flush_log_at_trx_commit={flush_log}, buffer pool {pool_mb} MB), "
-            f"{os.cpu_count()} CPUs shared by client, daemon and server")
+    state = "modified since" if git("status", "--porcelain", "--", *map(str, files)) else "as in"
+    return (f"{DAEMON_FILE.parent}/*.py and {SQL_DIR}/*.sql sha256 {digest}"
+            + (f" ({state} commit {commit})" if commit else ""))
 
 
 # ── main ─────────────────────────────────────────────────────────────────────────────
@@ -711,6 +886,8 @@ def server_info() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=list(DATABASES), default="mysql",
+                        help="the daemon's database: MariaDB here, or a SQLite file (default mysql)")
     parser.add_argument("--levels", default="1,4,16", type=lambda s: [int(n) for n in s.split(",")],
                         help="concurrency levels, comma-separated (default 1,4,16)")
     parser.add_argument("--sessions", type=int, default=20)
@@ -718,15 +895,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18001)
     parser.add_argument("--journal", choices=["fsync", "write", "off"], default="fsync",
                         help="the daemon's [journal] mode (default fsync, the daemon's default)")
-    parser.add_argument("--keep", action="store_true", help=f"keep {BENCH_DB} and {CEILING_DB} at the end")
+    parser.add_argument("--keep", action="store_true",
+                        help=f"keep {BENCH_DB} and {CEILING_DB} (SQLite: their directories) at the end")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-    version = code_version()
-    print(f"$ {command}\n{version}\n{server_info()}", flush=True)
+    version, kind = code_version(), DATABASES[args.backend]
+    print(f"$ {command}\n{version}\n{kind.info()}", flush=True)
     started = time.perf_counter()
     workload = build_workload(args.sessions, args.tasks_per_session)
     requests = [req for stream in workload.streams for req in stream]
@@ -735,22 +913,23 @@ def main(argv: list[str] | None = None) -> None:
           f"(built in {time.perf_counter() - started:.1f} s)", flush=True)
     RESULTS_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="persistd-bench-") as tmp:
-        ceiling = measure_ceiling(workload, Path(tmp), args.keep)
-        print(f"ceiling: {ceiling.row_writes:,} row-writes ({ceiling.file_mb:.0f} MB of SQL, autocommit: one commit "
-              f"per {BATCH_ROWS}-row statement) in {ceiling.seconds:.2f} s = {ceiling.rate:,.0f} row-writes/s\n"
-              f"  {ceiling.cpu.describe('mariadb client', ceiling.seconds)}", flush=True)
+        ceiling = measure_ceiling(workload, Path(tmp), kind.scratch(CEILING_DB), args.keep)
+        print(f"ceiling: {ceiling.row_writes:,} row-writes ({ceiling.detail}) in {ceiling.seconds:.2f} s "
+              f"= {ceiling.rate:,.0f} row-writes/s\n  {ceiling.cpu}", flush=True)
         levels = []
         for concurrency in args.levels:
-            levels.append(run_level(workload, args.port, concurrency, args.journal, Path(tmp)))
-            print(describe_level(levels[-1], ceiling, RESULTS_DIR / f"write_path-{args.journal}-c{concurrency}.log"),
+            db = kind.scratch(BENCH_DB)
+            levels.append(run_level(workload, args.port, concurrency, args.journal, Path(tmp), db))
+            print(describe_level(levels[-1], ceiling, db.server, log_file(db.backend, args.journal, concurrency)),
                   flush=True)
-    if not args.keep:
-        drop_database(BENCH_DB)
-    print(f"\nAll {len(levels)} levels verified: every session and task is in MySQL with its final status.\n")
+            if not args.keep:
+                db.drop()
+    print(f"\nAll {len(levels)} levels verified: every session and task is in the database ({args.backend}) "
+          "with its final status.\n")
     print(table(levels, ceiling))
     print(f"\nCommand: `{command}`; {version}")
     if code_version() != version:
-        print(f"WARNING: {DAEMON_FILE} changed during the run; the levels may have run different code")
+        print("WARNING: persistd's code changed during the run; the levels may have run different code")
 
 
 if __name__ == "__main__":
