@@ -773,12 +773,16 @@ def whole_numbers_as_integers(body: bytes, key: str | None = None) -> bytes:
     return msgspec.json.encode(doc) if changed else body
 
 
+def not_json(exc: Exception) -> ApiError:
+    return ApiError(400, "INVALID_JSON", f"Request body is not valid JSON: {exc}")
+
+
 def explain_batch(key: str, row_type: type, body: bytes) -> ApiError:
     """The slow second pass that runs only when the fast typed decode failed."""
     try:
         doc = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return ApiError(400, "INVALID_JSON", f"Request body is not valid JSON: {exc}")
+        return not_json(exc)
     invalid = f"Invalid {key[:-1]} data"
     if not isinstance(doc, dict):
         return ApiError(422, "VALIDATION_ERROR", invalid, [("", "Expected a JSON object")])
@@ -1399,9 +1403,11 @@ class Buffer:
         return self.in_flight
 
     def request_flush(self, waiter: FlushWaiter) -> bool:
-        """Register a /flush call; False when everything accepted is already written."""
+        """Register a /flush call; False when everything accepted is already written, which
+        counts as a flush done now (/health's last_flush says when all was last written)."""
         self._settle()
         if self.durable_seq >= self.seq:
+            self.last_flush = utc_now()
             return False
         waiter.target = self.seq
         self.waiters.append(waiter)
@@ -1949,15 +1955,22 @@ def validation_error(exc: msgspec.ValidationError, where: str = "") -> tuple[str
 
 
 def decode_body(type_: type, body: bytes) -> Any:
+    """A small body (cleanup's): 400 when it is not JSON at all, even where the typed
+    decoder stopped at a wrong type first (`[1,`), 422 when it is JSON of the wrong shape."""
     try:
         try:
             return _decoder(type_).decode(body)
         except msgspec.ValidationError:
             return _decoder(type_).decode(whole_numbers_as_integers(body))
     except msgspec.ValidationError as exc:
-        raise ApiError(422, "VALIDATION_ERROR", "Invalid request body", [validation_error(exc)]) from None
+        wrong_shape = ApiError(422, "VALIDATION_ERROR", "Invalid request body", [validation_error(exc)])
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "INVALID_JSON", f"Request body is not valid JSON: {exc}") from None
+        raise not_json(exc) from None
+    try:
+        msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise not_json(exc) from None
+    raise wrong_shape
 
 
 def json_response(status: int, body: Any) -> Response:
@@ -2812,6 +2825,9 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
 
     @app.delete("/api/v1/translation/sessions/<id:session_id>")
     async def session_delete(session_id: str) -> Response:
+        # The database must take writes before the buffer drops anything: while it is down
+        # the DELETE is a 503 that changes nothing (the buffered rows stay, to be written).
+        await read(store.writable)
         forgotten = await ask(Forget, session_id, timeout=cfg.buffer.flush_timeout)
         if forgotten is None:
             raise ApiError(503, "FLUSH_TIMEOUT", flush_timed_out(await ask(Status)))

@@ -550,19 +550,23 @@ class MySQLStore(Reads):
 
     async def _read(self, fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any) -> Any:
         try:
-            async with self.db.connection() as conn:
-                return await fn(conn, *args)
+            return await self._act(fn, *args)
         except DB_UNAVAILABLE:  # a pooled connection may have died with an outage; reads are idempotent
-            async with self.db.connection() as conn:
-                return await fn(conn, *args)
+            return await self._act(fn, *args)
+
+    async def _act(self, fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any) -> Any:
+        async with self.db.connection() as conn:
+            return await fn(conn, *args)
 
     async def ping(self) -> None:
         await self.db.ping()
 
+    async def writable(self) -> None:
+        await self._rows(Query("SELECT 1 AS n", []))  # reachable: writes go through as reads do
+
     async def cleanup(self, cutoffs: tuple[datetime, datetime], dry_run: bool,
                       stop: trio.Event | None = None) -> tuple[int, int]:
-        async with self.db.connection() as conn:  # not retried: it deletes
-            return await cleanup(conn, cutoffs, dry_run, stop)
+        return await self._act(cleanup, cutoffs, dry_run, stop)
 
     async def stats(self) -> Stats:
         """The two halves at once, on two pooled connections: about 5 ms each over a million tasks."""

@@ -166,6 +166,13 @@ class transaction:
             self.conn.rollback()
 
 
+def take_write_lock(conn: sqlite3.Connection) -> None:
+    """Takes the file's write lock and lets it go: busy after write_timeout while another
+    writer holds it, read-only or gone as the file is."""
+    with transaction(conn):
+        pass
+
+
 def recount_tasks(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         conn.execute("DELETE FROM task_counts")
@@ -321,8 +328,9 @@ class SQLiteStore(Reads):
         return await self._writing(write_snapshot, snapshot)
 
     async def _read(self, fn: typing.Callable[..., Any], *args: Any) -> Any:
-        """`fn` on a pooled connection in a thread, at most pool_size at once. A read that
-        is cancelled leaves its connection to its thread: it is never reused."""
+        """`fn` on a pooled connection in a thread, at most pool_size at once, never tried
+        again (a locked file waits write_timeout instead). One that is cancelled leaves its
+        connection to its thread: it is never reused."""
         conn = self._idle.pop() if self._idle else None
 
         def run() -> tuple[sqlite3.Connection, Any]:
@@ -338,6 +346,11 @@ class SQLiteStore(Reads):
             raise
         self._idle.append(conn)
         return result
+
+    _act = _read
+
+    async def writable(self) -> None:
+        await self._read(take_write_lock)
 
     async def ping(self) -> None:
         with trio.fail_after(self.cfg.ping_timeout):

@@ -47,6 +47,10 @@ class Store(typing.Protocol):
 
     async def recount(self) -> None: ...
     async def ping(self) -> None: ...
+
+    async def writable(self) -> None:
+        """Raises (an error of `unavailable`) when a write could not be made now."""
+
     async def session(self, session_id: str) -> dict | None: ...
     async def task(self, task_id: str) -> dict | None: ...
     async def has_session(self, session_id: str) -> bool: ...
@@ -287,7 +291,8 @@ def count_tasks(equal: dict[str, str], from_date: datetime | None, to_date: date
 class Reads:
     """The operations both dialects run alike, on top of what each gives: `_read(fn, *args)`
     calls `fn(connection, *args)` on a pooled connection (awaiting it, or in a worker
-    thread), and these functions of the dialect's module, as class attributes:
+    thread), and may try again on another after an outage; `_act` does the same once, for
+    what must never act or count twice (a delete); and these functions of the dialect's module, as class attributes:
     `rows(conn, query)`, `page(conn, total, rows)`, `unfinished_tasks_of(conn, session_id)`,
     `delete_session_of(conn, session_id, buffered_tasks)`, `recount_tasks(conn)`."""
 
@@ -326,7 +331,7 @@ class Reads:
         return await self._read(self.unfinished_tasks_of, session_id)
 
     async def delete_session(self, session_id: str, buffered_tasks: list[str]) -> tuple[bool, int]:
-        return await self._read(self.delete_session_of, session_id, buffered_tasks)
+        return await self._act(self.delete_session_of, session_id, buffered_tasks)
 
     async def count_rows(self, table: Table) -> int:
         return int((await self._rows(Query(f"SELECT COUNT(*) AS n FROM {table.name}", [])))[0]["n"])

@@ -19,6 +19,7 @@ from persistd.daemon import (
 )
 from persistd.mysql import delete_tasks
 from persistd.storage import DELETE_CHUNK_ROWS
+from proxy import database_outage
 
 SESSIONS = "/api/v1/translation/sessions"
 TASKS = "/api/v1/translation/tasks"
@@ -128,6 +129,26 @@ async def test_delete_drops_buffered_rows_so_a_later_flush_cannot_bring_them_bac
     assert (await task_count(db, SESSION_ID), await task_count(db, "other")) == (0, 1)
     for path in (f"{SESSIONS}/{SESSION_ID}", f"{TASKS}/t0"):
         assert (await d.get(path)).status_code == 404, path
+
+
+async def test_a_delete_answered_503_while_the_database_is_down_changes_nothing(db, tmp_path):
+    """With the database away (MySQL cut, SQLite's write lock held elsewhere) a DELETE is
+    503 DATABASE_UNAVAILABLE before the buffer drops anything: once the database is back,
+    the session and tasks it held are written, and a DELETE then removes them all."""
+    async with database_outage(db) as outage:
+        cfg = make_config(tmp_path, database={"url": outage.url(), "write_timeout": 1, "read_timeout": 3},
+                          buffer={"flush_interval": 30, "flush_rows": 100_000})
+        async with running(cfg) as d:
+            await d.post(SESSIONS_BATCH, {"sessions": [session()]})
+            await d.post(TASKS_BATCH, {"tasks": [task(f"t{i}") for i in range(3)]})
+            await outage.cut()
+            r = await d.client.delete(f"{SESSIONS}/{SESSION_ID}")
+            assert (r.status_code, r.json()["error_code"]) == (503, "DATABASE_UNAVAILABLE"), r.text
+            await outage.restore()
+            assert (await d.flush())["tasks_written"] == 3
+            assert (await session_ids(db), await task_count(db, SESSION_ID)) == ({SESSION_ID}, 3)
+            r = await d.client.delete(f"{SESSIONS}/{SESSION_ID}")
+            assert r.json() == {"status": "deleted", "session_id": SESSION_ID, "deleted_tasks": 3}
 
 
 async def test_delete_counts_stored_tasks_and_buffered_ones_never_written_once_each(slow_daemon, db):
@@ -340,6 +361,9 @@ async def test_cleanup_spares_a_session_whose_latest_update_is_still_in_the_buff
     (b'{"dry_run": true', 400, "INVALID_JSON", None),
     (b'dry_run=true', 400, "INVALID_JSON", None),
     (b'\x0b', 400, "INVALID_JSON", None),  # not JSON whitespace: not an empty body either
+    (b'[1,', 400, "INVALID_JSON", None),  # the typed decoder stops at the array; it is not JSON all the same
+    (b'{"dry_run": [true', 400, "INVALID_JSON", None),
+    (b'{"dry_run": tru\xff}', 400, "INVALID_JSON", None),
 ])
 async def test_a_bad_cleanup_body_is_refused_and_deletes_nothing(daemon, db, content, status, code, field):
     """Negative or non-integer days, unknown fields and wrong types are 422; malformed

@@ -107,7 +107,11 @@ async def test_health_reports_buffer_and_database(db, tmp_path):
         buffer = (await d.get("/health")).json()["buffer"]
         assert (buffer["sessions_count"], buffer["tasks_count"], buffer["total_count"]) == (0, 0, 0)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", buffer["last_flush"])
-        datetime.fromisoformat(buffer["last_flush"])
+        first = datetime.fromisoformat(buffer["last_flush"])
+
+        await trio.sleep(1.1)  # last_flush is in whole seconds
+        assert (await d.flush())["tasks_written"] == 0  # nothing waited: a flush all the same
+        assert datetime.fromisoformat((await d.get("/health")).json()["buffer"]["last_flush"]) > first
 
 
 @mysql_only

@@ -171,6 +171,8 @@ async def test_batch_size_limits(daemon):
     (b"\xff\xfe", 400, "INVALID_JSON"),
     (b'{"tasks": [{"task_id": "\\ud800"}]}', 400, "INVALID_JSON"),
     (b"", 400, "INVALID_JSON"),
+    (b"[1,", 400, "INVALID_JSON"),
+    (b'{"tasks": [{"task_id": 1,', 400, "INVALID_JSON"),
     (b"[]", 422, "VALIDATION_ERROR"),
     (b'{"task": []}', 422, "VALIDATION_ERROR"),
     (b'{"tasks": {}}', 422, "VALIDATION_ERROR"),
