@@ -76,6 +76,7 @@ import resource
 import secrets
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -1304,8 +1305,12 @@ class Buffer:
         self._take(key, [Entry(row, at, at, self.seq, 0.0, self.seq, size) for row in rows], now)
         return self.seq
 
-    def replay(self, key: str, entries: list[Entry], seq: int, now: float) -> None:
-        """Take a journal record's rows, with the seq and accept times they had."""
+    def replay(self, key: str, entries: list[Entry], seq: int, now: float, wall: datetime) -> None:
+        """Take a journal record's rows, with the seq and accept times they had. A task's
+        wait for its session counts from when it was accepted (`wall` is the time now), so
+        orphan_ttl runs on across restarts."""
+        for entry in entries:
+            entry.held_since = now - max(0.0, (wall - entry.created_at).total_seconds())
         self.seq = max(self.seq, seq)
         self.accepted.append((seq, now))
         self._take(key, entries, now)
@@ -1323,7 +1328,7 @@ class Buffer:
             for entry in entries:
                 group = self.held.get(entry.row.session_id)
                 if group is not None:
-                    entry.held_since = now
+                    entry.held_since = entry.held_since or now
                     grew += put(group, entry.row.task_id, entry)
                 else:
                     grew += put(self.tasks, entry.row.task_id, entry)
@@ -1719,27 +1724,34 @@ class DeadLetters:
     def __init__(self, path: Path, metrics: Metrics) -> None:
         self.path, self.metrics = path, metrics
 
-    def write(self, reason: str, rows: list[tuple[str, Entry]], error: str | None = None) -> None:
+    async def write(self, reason: str, rows: list[tuple[str, Entry]], error: str | None = None) -> None:
         extra = {} if error is None else {"error": error}
-        self._append(reason, [{"table": table, "row": e.row, "created_at": e.created_at,
-                               "updated_at": e.updated_at, **extra} for table, e in rows])
+        await self._append(reason, [{"table": table, "row": e.row, "created_at": e.created_at,
+                                     "updated_at": e.updated_at, **extra} for table, e in rows])
 
-    def write_body(self, reason: str, table: str, body: bytes, error: str) -> None:
+    async def write_body(self, reason: str, table: str, body: bytes, error: str) -> None:
         """A journal record that no longer decodes (a later version validates more)."""
-        self._append(reason, [{"table": table, "error": error, "body": body.decode(errors="replace")}])
+        await self._append(reason, [{"table": table, "error": error, "body": body.decode(errors="replace")}])
 
-    def _append(self, reason: str, records: list[dict]) -> None:
+    async def _append(self, reason: str, records: list[dict]) -> None:
+        """Appended and fsynced in a worker thread, never on the event loop; shielded: rows
+        on their way out of memory are written whole even while the daemon is stopping."""
         if not records:
             return
         at = utc_now()
-        with open(self.path, "ab") as f:
-            for record in records:
-                f.write(msgspec.json.encode({"reason": reason, "at": at, **record}) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = b"".join(msgspec.json.encode({"reason": reason, "at": at, **record}) + b"\n" for record in records)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._append_bytes, data)
         self.metrics.dead_letters.labels(reason).inc(len(records))
         event(logging.ERROR, "dead_letter", "{rows} rows moved to {file}: {reason}", rows=len(records),
               file=str(self.path), reason=reason)
+
+    def _append_bytes(self, data: bytes) -> None:
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            if not stat.S_ISFIFO(os.fstat(f.fileno()).st_mode):  # a FIFO cannot be synced: its reader has the bytes
+                os.fsync(f.fileno())
 
 
 # ── storage: the seam ────────────────────────────────────────────────────────────────
@@ -3101,7 +3113,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                             journal.send_nowait(Append(seq, BATCH_KINDS[key], (micros(at), body)))
                             journal.send_nowait(Sync(reply, True))
                     case Replayed(key, entries, nbytes, seq, reply):
-                        buf.replay(key, entries, seq, now)
+                        buf.replay(key, entries, seq, now, utc_now())
                         buf.journaled(seq, RECORD.size + nbytes)
                         answer(reply, True)
                     case ReplayDone(last_seq):
@@ -3119,7 +3131,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         answer(reply, buffer_status(buf, now))
                     case Written(sessions, tasks, held, refused_rows):
                         for table, entry, error in refused_rows:
-                            dead_letters.write("refused_by_database", [(table, entry)], error)
+                            await dead_letters.write("refused_by_database", [(table, entry)], error)
                         if buf.failures:
                             event(logging.INFO, "flush_recovered", "flushes succeed again after {seconds:.1f} s"
                                   " and {attempts} failed attempts", seconds=round(now - failing_since, 3),
@@ -3139,7 +3151,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                     case Failed(error, is_transient) if not is_transient:
                         where = "stays in the journal"
                         if journal is None:
-                            dead_letters.write("database_refused_writes", buf.take_all(), error)
+                            await dead_letters.write("database_refused_writes", buf.take_all(), error)
                             where = f"is in {dead_letters.path}"
                         raise Fatal(f"the database refuses persistd's writes ({error}); what was acknowledged {where}")
                     case Failed(error):
@@ -3163,7 +3175,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
             if now >= next_sweep:
                 next_sweep = now + sweep_every
                 expired = buf.expire_orphans(now)
-                dead_letters.write("orphan_ttl_expired", [("translation_tasks", e) for e in expired])
+                await dead_letters.write("orphan_ttl_expired", [("translation_tasks", e) for e in expired])
                 settled = settled or bool(expired)
             if settled and journal is not None:
                 if buf.journal_bytes > cfg.journal.max_bytes * HELD_COPY_SHARE and (held := buf.held_pinning_the_journal()):
@@ -3183,7 +3195,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
         left = sum(buf.counts())
         if journal is None:
             reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
-            dead_letters.write(reason, buf.take_all())
+            await dead_letters.write(reason, buf.take_all())
         elif left:
             event(logging.WARNING, "drained", "{rows} rows stay in the journal for the next start: {why}", rows=left,
                   why="their session has not arrived" if buf.idle() else "the database cannot be reached")
@@ -3294,7 +3306,7 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
             key, entries, nbytes = journal.batch(seq, kind, payload)
         except (ApiError, msgspec.ValidationError) as exc:
             table = "translation_sessions" if kind == SESSIONS_BATCH else "translation_tasks"
-            dead_letters.write_body("refused_at_replay", table, payload, str(exc))
+            await dead_letters.write_body("refused_at_replay", table, payload, str(exc))
             continue
         while not await ask_buffer(to_buffer, Room, len(entries), nbytes):
             if stop.is_set():

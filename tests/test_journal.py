@@ -11,6 +11,7 @@ import socket
 import subprocess
 from datetime import datetime, timezone
 
+import httpx
 import msgspec
 import pytest
 import trio
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import KEPT_COUNTS, MYSQL_URL, SESSION_ID, MysqlDb, make_config, mysql_only, running, session, task
-from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, process_config
+from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, persistd_process, process_config
 from proxy import tcp_proxy
 from persistd.daemon import (BATCH_KINDS, RECORD, Buffer, BufferConfig, DatabaseConfig, Journal, JournalConfig,
                              decode_batch, micros, overlay)
@@ -306,6 +307,30 @@ async def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_r
     await db.assert_counts_exact()
 
 
+async def test_a_held_task_keeps_its_orphan_ttl_clock_across_a_restart(db, tmp_path):
+    """A task waiting for its session expires orphan_ttl after it was accepted, however
+    often the daemon restarts meanwhile (the journal keeps when it was accepted)."""
+    dead = tmp_path / "state" / "dead-letter.jsonl"
+    sections = {"buffer": {"orphan_ttl": 4.0, "flush_interval": 0.2}}
+    async with persistd_process(tmp_path, **sections) as process:
+        async with httpx.AsyncClient(base_url=process.url) as client:
+            r = await client.post(TASKS_URL, json={"tasks": [task("orphan", session_id="never")]})
+            assert r.status_code == 202
+        accepted = trio.current_time()
+        await trio.sleep(2.5)
+        process.signal(signal.SIGTERM)
+        assert (await process.wait_exit(10))[0] == 0
+    assert not dead.exists()
+    async with persistd_process(tmp_path, **sections):
+        with trio.fail_after(3.5):  # 4 s after it was accepted, not 4 s after this start
+            while not (dead.exists() and dead.stat().st_size):
+                await trio.sleep(0.1)
+        waited = trio.current_time() - accepted
+    assert 4.0 <= waited < 6.5, waited
+    [line] = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert (line["reason"], line["row"]["task_id"]) == ("orphan_ttl_expired", "orphan")
+
+
 async def test_a_task_whose_session_never_comes_does_not_keep_the_journal_growing(db, tmp_path):
     """A held task would keep every later record in the journal until orphan_ttl, and
     under load the journal would fill and refuse everyone. Once the journal is a quarter
@@ -407,7 +432,7 @@ class Node:
         if record is not None:
             key, entries, nbytes = self.journal.batch(*record)
             self.buf.journaled(record[0], nbytes)
-            self.buf.replay(key, entries, record[0], 0.0)
+            self.buf.replay(key, entries, record[0], 0.0, AT)
         elif self.replaying:
             self.replaying = False
             self.buf.replay_done(self.journal.last_seq)

@@ -6,6 +6,7 @@ trio's autojump clock.
 """
 
 import json
+import os
 import random
 from datetime import datetime, timezone
 
@@ -608,9 +609,30 @@ async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_
     await trio.sleep(99)
     assert not (tmp_path / "dead.jsonl").exists()
     await trio.sleep(12)
+    for _ in range(1000):  # written by a worker thread, in real time, while the clock jumps
+        if (tmp_path / "dead.jsonl").exists() and (tmp_path / "dead.jsonl").stat().st_size:
+            break
+        await trio.sleep(1)
     lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert [(line["reason"], line["row"]["task_id"]) for line in lines] == [
         ("orphan_ttl_expired", "t0"), ("orphan_ttl_expired", "t1")]
+
+
+async def test_a_dead_letter_write_that_blocks_leaves_the_event_loop_answering(db, tmp_path):
+    """The dead-letter file is written in a worker thread: here it is a FIFO that nobody
+    reads yet, so the write blocks; meanwhile the daemon answers what needs no buffer (a
+    list, the document) at once. Once a reader comes, the expired rows are in it."""
+    (tmp_path / "state").mkdir()
+    os.mkfifo(tmp_path / "state" / "dead-letter.jsonl")
+    async with running(make_config(tmp_path, buffer={"orphan_ttl": 0.5})) as d:
+        assert (await d.post(TASKS_URL, {"tasks": [task("orphan", session_id="never")]})).status_code == 202
+        await trio.sleep(1.0)  # expired; the buffer actor waits on the FIFO
+        for path in ("/api/v1/translation/sessions", "/openapi.json"):
+            with trio.fail_after(1):
+                assert (await d.get(path)).status_code == 200, path
+        lines = await trio.to_thread.run_sync((tmp_path / "state" / "dead-letter.jsonl").read_bytes)
+    [line] = [json.loads(line) for line in lines.splitlines()]
+    assert (line["reason"], line["row"]["task_id"]) == ("orphan_ttl_expired", "orphan")
 
 
 # ── the buffer's merge rules, pure ───────────────────────────────────────────────────
