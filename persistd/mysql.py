@@ -181,9 +181,10 @@ def count_new_tasks_sql(entries: list[Entry]) -> str:
             + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items()) + ADD_COUNTS)
 
 
-def upsert_statements(table: Table, entries: list[Entry]) -> list[Statement]:
+def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATEMENT_MAX_BYTES) -> list[Statement]:
     """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
-    STATEMENT_MAX_ROWS rows and STATEMENT_MAX_BYTES each."""
+    STATEMENT_MAX_ROWS rows and `max_bytes` bytes of values each, counted in UTF-8 as
+    the server counts its max_allowed_packet (an emoji is one character and 4 bytes)."""
     statements = []
     for shape, group in group_by_shape(table, entries).items():
         columns = table.required + shape
@@ -197,19 +198,21 @@ def upsert_statements(table: Table, entries: list[Entry]) -> list[Statement]:
         for entry in group:
             literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
                 sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
-            if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > STATEMENT_MAX_BYTES:
+            nbytes = len(literal) if literal.isascii() else len(literal.encode())
+            if len(values) == STATEMENT_MAX_ROWS or size + nbytes > max_bytes:
                 statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
                 values, part, keys, size = [], [], [], 0
             values.append(literal)
             part.append(entry)
             keys.append(sql_value(key_of(entry.row)))
-            size += len(literal) + 1
+            size += nbytes + 1
         if values:
             statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
     return statements
 
 
-async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> None:
+async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
+                 max_bytes: int = STATEMENT_MAX_BYTES) -> None:
     """Building the statements is pure Python, ~10 µs a row. It runs in a worker thread,
     STATEMENT_MAX_ROWS rows at a time, while the previous statements execute: the
     database never waits for the next one, and on the event loop request handlers (each
@@ -222,7 +225,7 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
         async with statements:
             for i in range(0, len(entries), STATEMENT_MAX_ROWS):
                 part = entries[i:i + STATEMENT_MAX_ROWS]
-                for statement in await trio.to_thread.run_sync(upsert_statements, table, part):
+                for statement in await trio.to_thread.run_sync(upsert_statements, table, part, max_bytes):
                     await statements.send(statement)
 
     try:
@@ -245,12 +248,13 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
         raise group.exceptions[0] from None
 
 
-async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: list[Entry]) -> list[tuple[Entry, str]]:
+async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
+                           max_bytes: int = STATEMENT_MAX_BYTES) -> list[tuple[Entry, str]]:
     """upsert(), keeping out the rows the database refuses for what they hold. A refused
     statement is undone alone and the transaction goes on, so the rows are tried again
     in halves until each refused row stands alone. Returns those with the reason."""
     try:
-        await upsert(conn, table, entries)
+        await upsert(conn, table, entries, max_bytes)
         return []
     except trio_mysql.MySQLError as exc:
         if not (exc.args and exc.args[0] in ROW_REFUSED):
@@ -258,15 +262,16 @@ async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: l
         if len(entries) == 1:
             return [(entries[0], f"{exc.args[0]}: {exc.args[1]}")]
     half = len(entries) // 2
-    return await upsert_isolating(conn, table, entries[:half]) + await upsert_isolating(conn, table, entries[half:])
+    return (await upsert_isolating(conn, table, entries[:half], max_bytes)
+            + await upsert_isolating(conn, table, entries[half:], max_bytes))
 
 
-async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> Written:
+async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot, max_bytes: int = STATEMENT_MAX_BYTES) -> Written:
     """One transaction: sessions, then the tasks whose session exists. Returns the counts
     written, the tasks held back because their session is not in the database, and the
     rows the database refused."""
     await conn.query("BEGIN")
-    refused_sessions = await upsert_isolating(conn, SESSIONS, list(snapshot.sessions.values()))
+    refused_sessions = await upsert_isolating(conn, SESSIONS, list(snapshot.sessions.values()), max_bytes)
     missing = unknown_sessions(snapshot, refused_sessions)
     if missing:  # locked against a concurrent DELETE until the tasks are in
         async with conn.cursor() as cursor:
@@ -275,7 +280,7 @@ async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot) -> Wri
                 + ",".join(map(sql_value, missing)) + ") LOCK IN SHARE MODE")
             missing -= {session_id for (session_id,) in await cursor.fetchall()}
     tasks, held = split_held(snapshot, missing)
-    refused_tasks = await upsert_isolating(conn, TASKS, tasks)
+    refused_tasks = await upsert_isolating(conn, TASKS, tasks, max_bytes)
     await conn.query("COMMIT")
     return written(snapshot, tasks, held, refused_sessions, refused_tasks)
 
@@ -507,22 +512,26 @@ class MySQLStore(Reads):
         self.db = Database(cfg)
         self.schema = read_schema("mysql.sql")
         self.writer: trio_mysql.Connection | None = None
+        self.statement_max_bytes = STATEMENT_MAX_BYTES  # and 3/4 of the server's max_allowed_packet
 
     def transient(self, exc: BaseException) -> bool:
         return transient(exc)
 
     async def open(self) -> None:
-        """The writer's connection, with the database and its tables created when missing.
-        Bounded by connect+write timeout: a DDL waiting for a metadata lock is an outage."""
+        """The writer's connection, with the database and its tables created when missing,
+        and the server's max_allowed_packet, under which statements are cut. Bounded by
+        connect+write timeout: a DDL waiting for a metadata lock is an outage."""
         with trio.fail_after(self.cfg.connect_timeout + self.cfg.write_timeout):
             conn = await self.db.connect(create=True)
             try:
                 for sql in schema_statements(self.schema):
                     await conn.query(sql)
+                packet = await count(conn, "SELECT @@max_allowed_packet AS n")
             except BaseException:
                 conn.close()
                 raise
         self.writer = conn
+        self.statement_max_bytes = min(STATEMENT_MAX_BYTES, packet * 3 // 4)
 
     async def recount_if_needed(self) -> float | None:
         if self.writer is None:
@@ -533,7 +542,7 @@ class MySQLStore(Reads):
         if self.writer is None:
             await self.open()
             await self._writing(ensure_counts)
-        return await self._writing(write_snapshot, snapshot)
+        return await self._writing(write_snapshot, snapshot, self.statement_max_bytes)
 
     async def _writing(self, fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any) -> Any:
         """`fn` on the writer's connection; after any failure or cancellation it is closed."""

@@ -366,6 +366,43 @@ async def test_concurrent_flushes_write_nothing_twice(daemon, db):
     assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((500,),)
 
 
+async def test_rows_of_4_byte_characters_at_every_maximum_are_written(db, tmp_path):
+    """80 tasks whose every text column is full of emoji (one character, 4 bytes: 65,532
+    bytes a TEXT column, 255 characters a VARCHAR(255)), flushed at once: 21 MB of
+    values. MySQL's statements are cut by bytes, under the max_allowed_packet the server
+    states (set to 8 MiB here, as on servers with older defaults); cut at 4 Mi characters,
+    a statement came to 16.7 MB, the server answered 1153 and hung up, at every retry."""
+    emoji, text = "😀", "😀" * 16_383
+    if db.backend == "mysql":
+        ((packet,),) = await db.query("SELECT @@GLOBAL.max_allowed_packet")
+        await db.query("SET GLOBAL max_allowed_packet = 8388608")  # for the connections opened from now on
+    try:
+        await write_rows_of_4_byte_characters(db, tmp_path, emoji, text)
+    finally:
+        if db.backend == "mysql":
+            await db.query("SET GLOBAL max_allowed_packet = %s", packet)
+
+
+async def write_rows_of_4_byte_characters(db, tmp_path, emoji: str, text: str) -> None:
+
+    def full(i: int) -> dict:
+        return task(f"{emoji * 60}{i:04d}", batch_id=emoji * 64, sheet_name=emoji * 255, column_name=emoji * 255,
+                    source_text=text, target_text=text, context=text, error_message=text, status="completed")
+
+    cfg = make_config(tmp_path, buffer={"flush_interval": 30, "flush_rows": 100_000, "flush_timeout": 60})
+    async with running(cfg) as d:
+        assert (await d.post(SESSIONS_URL, {"sessions": [session(filename=emoji * 255, file_path=emoji * 512,
+                                                                  llm_provider=emoji * 50)]})).status_code == 202
+        for part in range(2):
+            r = await d.post(TASKS_URL, {"tasks": [full(part * 40 + i) for i in range(40)]})
+            assert r.status_code == 202, r.text
+        assert (await d.flush())["tasks_written"] == 80
+    rows = await db.query("SELECT task_id, source_text, error_message, sheet_name FROM translation_tasks ORDER BY task_id")
+    assert [r[0] for r in rows] == [f"{emoji * 60}{i:04d}" for i in range(80)]
+    assert all(r[1:] == (text, text, emoji * 255) for r in rows)
+    await db.assert_counts_exact()
+
+
 # ── statements ───────────────────────────────────────────────────────────────────────
 
 
