@@ -3049,7 +3049,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
     journal and is answered once the journal has it; the journal is told which records
     are no longer needed as rows are written. On Drain it flushes what is left until
     `shutdown_timeout`; what is still unwritten then stays in the journal for the next
-    start (without a journal it goes to the dead-letter file)."""
+    start (without a journal it goes to the dead-letter file, as it does when any actor
+    fails and the daemon stops)."""
     buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes)
     buf.replaying = journal is not None  # until ReplayDone
     sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
@@ -3088,121 +3089,127 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
         else:
             journal.send_nowait(Sync(reply, value))
 
-    async with inbox, jobs, journal or contextlib.nullcontext():
-        while True:
-            settled = False  # rows left memory: the journal may release records
-            # While the flusher is busy its answer is what the drain waits for: the
-            # deadline is then its attempt's, not a reason to stop listening.
-            wakeup = min(buf.next_wakeup(), next_sweep, math.inf if buf.flusher_busy else drain_deadline)
-            if refused:
-                wakeup = min(wakeup, last_refusal + BACKPRESSURE_QUIET_S)
-            with trio.move_on_at(wakeup):
-                message = await inbox.receive()
-                now = trio.current_time()
-                match message:
-                    case Write(key, rows, body, at, reply):
-                        if not buf.has_room(len(rows), len(body)):
-                            refusal(now)
-                            answer(reply, False)
-                        elif journal is None:
-                            buf.write(key, rows, at, now, len(body))
+    try:
+        async with inbox, jobs, journal or contextlib.nullcontext():
+            while True:
+                settled = False  # rows left memory: the journal may release records
+                # While the flusher is busy its answer is what the drain waits for: the
+                # deadline is then its attempt's, not a reason to stop listening.
+                wakeup = min(buf.next_wakeup(), next_sweep, math.inf if buf.flusher_busy else drain_deadline)
+                if refused:
+                    wakeup = min(wakeup, last_refusal + BACKPRESSURE_QUIET_S)
+                with trio.move_on_at(wakeup):
+                    message = await inbox.receive()
+                    now = trio.current_time()
+                    match message:
+                        case Write(key, rows, body, at, reply):
+                            if not buf.has_room(len(rows), len(body)):
+                                refusal(now)
+                                answer(reply, False)
+                            elif journal is None:
+                                buf.write(key, rows, at, now, len(body))
+                                answer(reply, True)
+                            else:
+                                seq = buf.write(key, rows, at, now, len(body))
+                                buf.journaled(seq, RECORD.size + MICROS.size + len(body))
+                                journal.send_nowait(Append(seq, BATCH_KINDS[key], (micros(at), body)))
+                                journal.send_nowait(Sync(reply, True))
+                        case Replayed(key, entries, nbytes, seq, reply):
+                            buf.replay(key, entries, seq, now, utc_now())
+                            buf.journaled(seq, RECORD.size + nbytes)
                             answer(reply, True)
-                        else:
-                            seq = buf.write(key, rows, at, now, len(body))
-                            buf.journaled(seq, RECORD.size + MICROS.size + len(body))
-                            journal.send_nowait(Append(seq, BATCH_KINDS[key], (micros(at), body)))
-                            journal.send_nowait(Sync(reply, True))
-                    case Replayed(key, entries, nbytes, seq, reply):
-                        buf.replay(key, entries, seq, now, utc_now())
-                        buf.journaled(seq, RECORD.size + nbytes)
-                        answer(reply, True)
-                    case ReplayDone(last_seq):
-                        buf.replay_done(last_seq)
-                        settled = True
-                    case Room(rows, nbytes, reply):
-                        fits = buf.has_room(rows, nbytes)
-                        if not fits and not buf.replaying:  # a replay waiting for room is no refusal
-                            refusal(now)
-                        answer(reply, fits)
-                    case Flush(waiter):
-                        if not buf.request_flush(waiter):
-                            answer(waiter.reply, waiter)
-                    case Status(reply):
-                        answer(reply, buffer_status(buf, now))
-                    case Written(sessions, tasks, held, refused_rows):
-                        for table, entry, error in refused_rows:
-                            await dead_letters.write("refused_by_database", [(table, entry)], error)
-                        if buf.failures:
-                            event(logging.INFO, "flush_recovered", "flushes succeed again after {seconds:.1f} s"
-                                  " and {attempts} failed attempts", seconds=round(now - failing_since, 3),
-                                  attempts=buf.failures)
-                        for reply, value in buf.written(sessions, tasks, held, now):
-                            reply_durably(reply, value)
-                        settled = True
-                    case Lookup(key, row_id, reply):
-                        answer(reply, [msgspec.structs.replace(e, row=msgspec.structs.replace(e.row))
-                                       for e in buf.lookup(key, row_id)])
-                    case Forget(session_id, reply):
-                        if journal is not None:
-                            journal.send_nowait(Append(buf.next_seq(), FORGET, (session_id.encode(),)))
-                        for due, value in buf.forget(session_id, reply):
-                            reply_durably(due, value)
-                        settled = True
-                    case Failed(error, is_transient) if not is_transient:
-                        where = "stays in the journal"
-                        if journal is None:
-                            await dead_letters.write("database_refused_writes", buf.take_all(), error)
-                            where = f"is in {dead_letters.path}"
-                        raise Fatal(f"the database refuses persistd's writes ({error}); what was acknowledged {where}")
-                    case Failed(error):
-                        delay = buf.failed(error, now)
-                        if buf.failures == 1:
-                            failing_since = now
-                            event(logging.WARNING, "flush_failing", "flush failed; {rows} rows are kept and retried"
-                                  " with backoff up to {retry_max:g} s: {error}", rows=sum(buf.counts()),
-                                  retry_max=cfg.buffer.retry_max, error=error)
-                        else:
-                            log.debug("flush attempt %d failed, next in %.1f s: %s", buf.failures, delay, error)
-                    case Drain():
-                        buf.draining = True
-                        drain_started, drain_deadline = now, now + cfg.buffer.shutdown_timeout
-                        attempt.deadline = min(attempt.deadline, drain_deadline)
-                        event(logging.INFO, "draining", "writing out {rows} buffered rows before stopping"
-                              " (at most {timeout:g} s)", rows=sum(buf.counts()), timeout=cfg.buffer.shutdown_timeout)
-            now = trio.current_time()
-            if refused and now >= last_refusal + BACKPRESSURE_QUIET_S:
+                        case ReplayDone(last_seq):
+                            buf.replay_done(last_seq)
+                            settled = True
+                        case Room(rows, nbytes, reply):
+                            fits = buf.has_room(rows, nbytes)
+                            if not fits and not buf.replaying:  # a replay waiting for room is no refusal
+                                refusal(now)
+                            answer(reply, fits)
+                        case Flush(waiter):
+                            if not buf.request_flush(waiter):
+                                answer(waiter.reply, waiter)
+                        case Status(reply):
+                            answer(reply, buffer_status(buf, now))
+                        case Written(sessions, tasks, held, refused_rows):
+                            for table, entry, error in refused_rows:
+                                await dead_letters.write("refused_by_database", [(table, entry)], error)
+                            if buf.failures:
+                                event(logging.INFO, "flush_recovered", "flushes succeed again after {seconds:.1f} s"
+                                      " and {attempts} failed attempts", seconds=round(now - failing_since, 3),
+                                      attempts=buf.failures)
+                            for reply, value in buf.written(sessions, tasks, held, now):
+                                reply_durably(reply, value)
+                            settled = True
+                        case Lookup(key, row_id, reply):
+                            answer(reply, [msgspec.structs.replace(e, row=msgspec.structs.replace(e.row))
+                                           for e in buf.lookup(key, row_id)])
+                        case Forget(session_id, reply):
+                            if journal is not None:
+                                journal.send_nowait(Append(buf.next_seq(), FORGET, (session_id.encode(),)))
+                            for due, value in buf.forget(session_id, reply):
+                                reply_durably(due, value)
+                            settled = True
+                        case Failed(error, is_transient) if not is_transient:
+                            where = "stays in the journal"
+                            if journal is None:
+                                await dead_letters.write("database_refused_writes", buf.take_all(), error)
+                                where = f"is in {dead_letters.path}"
+                            raise Fatal(f"the database refuses persistd's writes ({error}); what was acknowledged {where}")
+                        case Failed(error):
+                            delay = buf.failed(error, now)
+                            if buf.failures == 1:
+                                failing_since = now
+                                event(logging.WARNING, "flush_failing", "flush failed; {rows} rows are kept and retried"
+                                      " with backoff up to {retry_max:g} s: {error}", rows=sum(buf.counts()),
+                                      retry_max=cfg.buffer.retry_max, error=error)
+                            else:
+                                log.debug("flush attempt %d failed, next in %.1f s: %s", buf.failures, delay, error)
+                        case Drain():
+                            buf.draining = True
+                            drain_started, drain_deadline = now, now + cfg.buffer.shutdown_timeout
+                            attempt.deadline = min(attempt.deadline, drain_deadline)
+                            event(logging.INFO, "draining", "writing out {rows} buffered rows before stopping"
+                                  " (at most {timeout:g} s)", rows=sum(buf.counts()), timeout=cfg.buffer.shutdown_timeout)
+                now = trio.current_time()
+                if refused and now >= last_refusal + BACKPRESSURE_QUIET_S:
+                    refusals_over()
+                if now >= next_sweep:
+                    next_sweep = now + sweep_every
+                    expired = buf.expire_orphans(now)
+                    await dead_letters.write("orphan_ttl_expired", [("translation_tasks", e) for e in expired])
+                    settled = settled or bool(expired)
+                if settled and journal is not None:
+                    if buf.journal_bytes > cfg.journal.max_bytes * HELD_COPY_SHARE and (held := buf.held_pinning_the_journal()):
+                        payload = msgspec.json.encode([(e.created_at, e.updated_at, e.row) for e in held])
+                        buf.journaled(held[0].first_seq, RECORD.size + len(payload))
+                        journal.send_nowait(Append(held[0].first_seq, HELD, (payload,)))
+                    if (floor := buf.release()) is not None:
+                        journal.send_nowait(Release(floor))
+                if buf.draining and not buf.flusher_busy and (buf.idle() or now >= drain_deadline):
+                    break
+                snapshot = buf.take_snapshot(now)
+                if snapshot is not None:
+                    attempt = trio.CancelScope(deadline=min(now + cfg.database.write_timeout, drain_deadline))
+                    jobs.send_nowait(Job(snapshot, attempt))
+            if refused:
                 refusals_over()
-            if now >= next_sweep:
-                next_sweep = now + sweep_every
-                expired = buf.expire_orphans(now)
-                await dead_letters.write("orphan_ttl_expired", [("translation_tasks", e) for e in expired])
-                settled = settled or bool(expired)
-            if settled and journal is not None:
-                if buf.journal_bytes > cfg.journal.max_bytes * HELD_COPY_SHARE and (held := buf.held_pinning_the_journal()):
-                    payload = msgspec.json.encode([(e.created_at, e.updated_at, e.row) for e in held])
-                    buf.journaled(held[0].first_seq, RECORD.size + len(payload))
-                    journal.send_nowait(Append(held[0].first_seq, HELD, (payload,)))
-                if (floor := buf.release()) is not None:
-                    journal.send_nowait(Release(floor))
-            if buf.draining and not buf.flusher_busy and (buf.idle() or now >= drain_deadline):
-                break
-            snapshot = buf.take_snapshot(now)
-            if snapshot is not None:
-                attempt = trio.CancelScope(deadline=min(now + cfg.database.write_timeout, drain_deadline))
-                jobs.send_nowait(Job(snapshot, attempt))
-        if refused:
-            refusals_over()
-        left = sum(buf.counts())
-        if journal is None:
-            reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
-            await dead_letters.write(reason, buf.take_all())
-        elif left:
-            event(logging.WARNING, "drained", "{rows} rows stay in the journal for the next start: {why}", rows=left,
-                  why="their session has not arrived" if buf.idle() else "the database cannot be reached")
-        if not left:
-            event(logging.INFO, "drained", "everything acknowledged is written ({seconds:.1f} s)",
-                  seconds=round(trio.current_time() - drain_started, 3))
+            left = sum(buf.counts())
+            if journal is None:
+                reason = "session_never_arrived" if buf.idle() else "database_unreachable_at_shutdown"
+                await dead_letters.write(reason, buf.take_all())
+            elif left:
+                event(logging.WARNING, "drained", "{rows} rows stay in the journal for the next start: {why}", rows=left,
+                      why="their session has not arrived" if buf.idle() else "the database cannot be reached")
+            if not left:
+                event(logging.INFO, "drained", "everything acknowledged is written ({seconds:.1f} s)",
+                      seconds=round(trio.current_time() - drain_started, 3))
 
+    except BaseException:  # another actor failed (we are cancelled), or this one did
+        if journal is None and sum(buf.counts()):  # with a journal, what was acknowledged stays in it
+            with trio.CancelScope(shield=True):
+                await dead_letters.write("daemon_failed", buf.take_all())
+        raise
 
 async def journal_actor(journal: Journal, inbox: trio.MemoryReceiveChannel) -> None:
     """Appends what the buffer sends and answers each Sync once everything before it is

@@ -6,16 +6,20 @@ goes to <state dir>/dead-letter.jsonl. Never dropped silently.
 persistd runs as `python -m persistd --config <toml>`; the load comes from concurrent
 client tasks here, each on its own connection."""
 
+import contextlib
+import functools
 import json
 import os
 import signal
 
 import httpx
+import hypercorn.trio
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import mysql_only, session, task
+from conftest import make_config, mysql_only, running, session, task
+from persistd.daemon import Buffer, Journal
 from processes import encode, persistd_process, post
 from proxy import database_outage, tcp_proxy
 
@@ -301,3 +305,80 @@ async def test_sigterm_during_a_hung_flush_exits_within_shutdown_timeout(db, tmp
     assert await db.query("SELECT task_id FROM translation_tasks") == ()
     await start_again_and_flush(tmp_path)
     assert await db.query("SELECT task_id FROM translation_tasks") == (("stuck",),)
+
+
+# ── an actor that fails ──────────────────────────────────────────────────────────────
+# A bug in any actor must stop the daemon, never leave it half alive; what it acknowledged
+# stays in the journal (the next start writes it) or, without one, goes to the dead-letter
+# file first. Each test arms an injected RuntimeError once a batch has its 202, then makes
+# that actor run.
+
+
+def inject(monkeypatch, actor: str, store_class: type, armed: trio.Event) -> None:
+    def armed_raise(*_):
+        if armed.is_set():
+            raise RuntimeError(f"injected into the {actor} actor")
+
+    async def armed_raise_async(*args):
+        armed_raise()
+
+    if actor == "buffer":
+        take = Buffer.take_snapshot
+        monkeypatch.setattr(Buffer, "take_snapshot", lambda self, now: armed_raise() or take(self, now))
+    elif actor == "flusher":
+        monkeypatch.setattr(store_class, "write", armed_raise_async)
+    elif actor == "journal":
+        commit = Journal.commit
+        monkeypatch.setattr(Journal, "commit", lambda self, *args: armed_raise() or commit(self, *args))
+    elif actor == "janitor":
+        monkeypatch.setattr(store_class, "cleanup", armed_raise_async)
+    else:
+        serve = hypercorn.trio.serve
+
+        async def failing_serve(app, config, *, shutdown_trigger, task_status):
+            async with trio.open_nursery() as nursery:
+                task_status.started(await nursery.start(functools.partial(
+                    serve, app, config, shutdown_trigger=shutdown_trigger)))
+                await armed.wait()
+                raise RuntimeError("injected into the http actor")
+
+        monkeypatch.setattr(hypercorn.trio, "serve", failing_serve)
+
+
+@pytest.mark.parametrize(("actor", "mode"), [(actor, mode) for actor in ("http", "buffer", "journal", "flusher", "janitor")
+                                             for mode in ("fsync", "off") if (actor, mode) != ("journal", "off")])
+async def test_an_exception_in_any_actor_stops_the_daemon_and_loses_no_acknowledged_row(
+        db, tmp_path, monkeypatch, actor, mode):
+    """(Without a journal there is no journal actor.)"""
+    armed = trio.Event()
+    inject(monkeypatch, actor, type(db.store), armed)
+    cfg = make_config(tmp_path, journal={"mode": mode}, janitor={"interval": 0.3 if actor == "janitor" else 0},
+                      buffer={"flush_interval": 30, "flush_rows": 100_000})
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with running(cfg) as d:
+            assert (await d.post(SESSIONS, {"sessions": [session()]})).status_code == 202
+            armed.set()
+            with trio.fail_after(10):
+                while True:  # make the armed actor run: a batch, a flush, a status
+                    with contextlib.suppress(httpx.TransportError):
+                        await d.post(TASKS, {"tasks": [task()]})
+                        await d.client.post(FLUSH)
+                    await trio.sleep(0.1)
+    assert any(isinstance(e, RuntimeError) and actor in str(e) for e in leaves(raised.value)), raised.value
+    monkeypatch.undo()
+    if mode == "off":
+        dead = tmp_path / "state" / "dead-letter.jsonl"
+        lines = [json.loads(line) for line in dead.read_text().splitlines()] if dead.exists() else []
+        in_file = {line["row"].get("session_id") for line in lines if line["table"] == "translation_sessions"}
+        in_db = {s for (s,) in await db.query("SELECT session_id FROM translation_sessions")}
+        assert session()["session_id"] in in_file | in_db, (lines, in_db)
+    else:
+        async with running(make_config(tmp_path, journal={"mode": mode})) as d:  # the next start
+            await d.flush()
+        assert await db.query("SELECT session_id FROM translation_sessions") == ((session()["session_id"],),)
+
+
+def leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in leaves(e)]
+    return [group]
