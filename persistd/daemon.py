@@ -124,6 +124,7 @@ SQLITE_DEFAULT_FILE = "persistd.db"  # in the state dir, when no [database] url 
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
 SNAPSHOT_MAX_ROWS = 5000  # tasks per flush: bounds the transaction and the event-loop time of one job
+RECONCILE_SESSIONS = 200  # sessions one reconciliation transaction recounts
 STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
 LOW_WATERMARK = 0.8  # once over a limit, batches are refused until every use is below this share
@@ -203,6 +204,7 @@ class JournalConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class JanitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     interval: Annotated[float, Meta(ge=0)] = 3600.0  # 0 turns scheduled cleanup off
+    reconcile_interval: Annotated[float, Meta(ge=0)] = 60.0  # a pass over task_counts; 0 turns it off
     completed_days: Annotated[int, Meta(ge=0, le=36500)] = 90
     failed_days: Annotated[int, Meta(ge=0, le=36500)] = 30
 
@@ -949,6 +951,9 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.rows_written = prometheus_client.Counter(
             "persistence_rows_written", "Rows written to the database", ["type"], registry=r)
+        self.counts_repaired = prometheus_client.Counter(
+            "persistence_task_counts_repaired", "task_counts rows the reconciliation found wrong and rewrote "
+            "(tasks written, changed or deleted by other means than persistd)", registry=r)
         self.dead_letters = prometheus_client.Counter(
             "persistence_dead_letter_rows", "Rows moved to the dead-letter file", ["reason"], registry=r)
         self.journal_bytes = prometheus_client.Gauge(
@@ -3264,11 +3269,15 @@ async def flusher_actor(store: Any, jobs: trio.MemoryReceiveChannel, results: tr
             await results.send(outcome)
 
 
-async def janitor_actor(cfg: Config, store: Any, to_buffer: trio.MemorySendChannel, stop: trio.Event) -> None:
-    """Runs the retention cleanup of POST /sessions/cleanup every `[janitor] interval`
-    seconds until `stop`; a run in progress stops after its current chunk. Like the
-    endpoint, it first has the buffer write out: a session's latest update may be there."""
-    async with to_buffer:
+async def janitor_actor(cfg: Config, store: Any, to_buffer: trio.MemorySendChannel, metrics: Metrics,
+                        stop: trio.Event) -> None:
+    """Two schedules until `stop`: the retention cleanup of POST /sessions/cleanup every
+    `[janitor] interval` seconds (first the buffer writes out: a session's latest update
+    may be there), and a pass of the reconciliation over every session's task_counts
+    every `reconcile_interval` seconds. A run in progress stops after its current chunk."""
+    async with to_buffer, trio.open_nursery() as nursery:
+        if cfg.janitor.reconcile_interval:
+            nursery.start_soon(reconciler, cfg, store, metrics, stop)
         while cfg.janitor.interval:
             with trio.move_on_after(cfg.janitor.interval):
                 await stop.wait()
@@ -3282,6 +3291,31 @@ async def janitor_actor(cfg: Config, store: Any, to_buffer: trio.MemorySendChann
                       " next run in {interval:g} s", interval=cfg.janitor.interval)
                 continue
             await janitor_run(cfg, store, stop)
+
+
+async def reconciler(cfg: Config, store: Any, metrics: Metrics, stop: trio.Event) -> None:
+    """Keeps the totals exact whoever writes: recounts task_counts a slice of sessions at a
+    time (short transactions), rewriting what drifted, one pass a reconcile_interval."""
+    while not stop.is_set():
+        with trio.move_on_after(cfg.janitor.reconcile_interval):
+            await stop.wait()
+            return
+        after: str | None = None
+        started, repaired = trio.current_time(), 0
+        try:
+            while not stop.is_set():
+                after, wrong = await store.reconcile(after, RECONCILE_SESSIONS)
+                repaired += wrong
+                if after is None:
+                    break
+        except store.errors as exc:
+            event(logging.WARNING, "reconcile_failed", "task_counts reconciliation failed, next pass in"
+                  " {interval:g} s: {error}", interval=cfg.janitor.reconcile_interval, error=describe(exc))
+        metrics.counts_repaired.inc(repaired)
+        if repaired:
+            event(logging.WARNING, "counts_repaired", "task_counts: {rows} rows were wrong (tasks written by other"
+                  " means than persistd) and are rewritten; pass of {seconds:.1f} s", rows=repaired,
+                  seconds=round(trio.current_time() - started, 3))
 
 
 async def janitor_run(cfg: Config, store: Any, stop: trio.Event) -> None:
@@ -3449,7 +3483,7 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
                 nursery.start_soon(systemd_actor, notifier, to_buffer.clone(), ready, stop)
             if journal is not None:
                 await replay(journal, to_buffer, dead_letters, metrics, stop)
-            nursery.start_soon(janitor_actor, cfg, store, to_buffer.clone(), stop)
+            nursery.start_soon(janitor_actor, cfg, store, to_buffer.clone(), metrics, stop)
             if auth.on:
                 nursery.start_soon(keys_actor, auth, stop)
             port = await nursery.start(http_actor, cfg, to_buffer, store, metrics, auth, stop.wait)

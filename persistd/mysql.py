@@ -25,7 +25,7 @@ from msgspec import UNSET
 
 from persistd.daemon import (SESSION_SETUP, STATEMENT_MAX_BYTES, STATEMENT_MAX_ROWS, UTC, DatabaseConfig, Entry,
                              Snapshot, Stats, Written, parse_database_url)
-from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS, RESTORED_FIELDS,
+from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, KEPT_COUNTS, drifted, DELETE_CHUNK_ROWS, EMPTY_COUNTS, RESTORED_FIELDS,
                               SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS, TASKS, UNFINISHED, Query, Reads,
                               Table, decode_json_columns, group_by_shape, hour_floor, read_schema, split_held,
                               stats_from, unknown_sessions, written)
@@ -399,10 +399,8 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
     DELETE_CHUNK_ROWS tasks at a time, until none is left or `stop` is set. A dry run
     counts the same rows and deletes none."""
     if dry_run:
-        sessions = await count(conn, f"SELECT COUNT(*) AS n FROM translation_sessions WHERE {CLEANUP_WHERE}", *cutoffs)
-        tasks = await count(conn, "SELECT SUM(tasks) AS n FROM task_counts WHERE session_id IN"
-                                  f" (SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE})", *cutoffs)
-        return sessions, tasks
+        found = await fetch_one(conn, CLEANUP_DRY_RUN, *cutoffs, *cutoffs)
+        return int(found["sessions"]), int(found["tasks"])
     sessions = tasks = 0
     while stop is None or not stop.is_set():
         ids = [r["session_id"] for r in await fetch(
@@ -414,6 +412,31 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
         async with conn.cursor() as cursor:
             sessions += await cursor.execute("DELETE FROM translation_sessions WHERE session_id IN %s", (ids,))
     return sessions, tasks
+
+
+async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: int) -> tuple[str | None, int]:
+    """One slice of the reconciliation (Store.reconcile): the slice's tasks are read with
+    shared locks and its counts locked for update, so a flush of those sessions waits for
+    this transaction and none of its changes is counted twice or missed."""
+    await conn.query("BEGIN")  # a failure throws the connection away: the server rolls back
+    ids = [r["session_id"] for r in await fetch(
+        conn, "SELECT session_id FROM translation_sessions" + ("" if after is None else " WHERE session_id > %s")
+        + " ORDER BY session_id LIMIT %s", *([] if after is None else [after]), sessions)]
+    if not ids:
+        await conn.query("COMMIT")
+        return None, 0
+    chunk = ",".join(map(sql_value, ids))
+    kept = await fetch(conn, KEPT_COUNTS.format(ids=chunk) + " FOR UPDATE")
+    actual = await fetch(conn, f"SELECT session_id, status, {CREATED_HOUR} AS created_hour, COUNT(*) AS tasks,"
+                               " COALESCE(SUM(duration_ms), 0) AS duration_ms_sum, COUNT(duration_ms) AS durations"
+                               f" FROM translation_tasks WHERE session_id IN ({chunk}) GROUP BY 1, 2, 3"
+                               " LOCK IN SHARE MODE")
+    repaired = drifted(kept, actual)
+    if repaired:
+        await conn.query(f"DELETE FROM task_counts WHERE session_id IN ({chunk})")
+        await conn.query(count_tasks_sql("", f"session_id IN ({chunk})"))
+    await conn.query("COMMIT")
+    return ids[-1], repaired
 
 
 async def session_stats(conn: trio_mysql.Connection) -> tuple[list[dict], Any, dict[str, dict]]:
@@ -576,6 +599,9 @@ class MySQLStore(Reads):
     async def cleanup(self, cutoffs: tuple[datetime, datetime], dry_run: bool,
                       stop: trio.Event | None = None) -> tuple[int, int]:
         return await self._act(cleanup, cutoffs, dry_run, stop)
+
+    async def reconcile(self, after: str | None, sessions: int) -> tuple[str | None, int]:
+        return await self._act(reconcile, after, sessions)
 
     async def stats(self) -> Stats:
         """The two halves at once, on two pooled connections: about 5 ms each over a million tasks."""

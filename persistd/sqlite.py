@@ -23,7 +23,7 @@ import msgspec
 import trio
 
 from persistd.daemon import UTC, DatabaseConfig, Entry, Snapshot, Stats, Written, sqlite_path
-from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS, RESTORED_FIELDS,
+from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, KEPT_COUNTS, drifted, DELETE_CHUNK_ROWS, EMPTY_COUNTS, RESTORED_FIELDS,
                               SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS, TASKS, UNFINISHED, Query, Reads,
                               Table, decode_json_columns, group_by_shape, read_schema, split_held, stats_from,
                               unknown_sessions, written)
@@ -173,11 +173,15 @@ def take_write_lock(conn: sqlite3.Connection) -> None:
         pass
 
 
+HOUR_COUNTS = ("SELECT session_id, status, created_at / 3600 * 3600 AS created_hour, COUNT(*) AS tasks,"
+               " COALESCE(SUM(duration_ms), 0) AS duration_ms_sum, COUNT(duration_ms) AS durations"
+               " FROM translation_tasks WHERE {where} GROUP BY 1, 2, 3")
+
+
 def recount_tasks(conn: sqlite3.Connection) -> None:
     with transaction(conn):
         conn.execute("DELETE FROM task_counts")
-        conn.execute("INSERT INTO task_counts SELECT session_id, status, created_at / 3600 * 3600, COUNT(*),"
-                     " COALESCE(SUM(duration_ms), 0), COUNT(duration_ms) FROM translation_tasks GROUP BY 1, 2, 3")
+        conn.execute("INSERT INTO task_counts " + HOUR_COUNTS.format(where="TRUE"))
 
 
 def ensure_counts(conn: sqlite3.Connection) -> float | None:
@@ -224,10 +228,8 @@ def cleanup(conn: sqlite3.Connection, cutoffs: tuple[datetime, datetime], dry_ru
             stopped: typing.Callable[[], bool]) -> tuple[int, int]:
     where, args = CLEANUP_WHERE.replace("%s", "?"), db_args(list(cutoffs))
     if dry_run:
-        sessions = count(conn, Query(f"SELECT COUNT(*) AS n FROM translation_sessions WHERE {where}", list(cutoffs)))
-        tasks = count(conn, Query("SELECT SUM(tasks) AS n FROM task_counts WHERE session_id IN"
-                                  f" (SELECT session_id FROM translation_sessions WHERE {where})", list(cutoffs)))
-        return sessions, tasks
+        found = fetch(conn, CLEANUP_DRY_RUN, [*cutoffs, *cutoffs])[0]
+        return int(found["sessions"]), int(found["tasks"])
     sessions = tasks = 0
     while not stopped():
         ids = [r["session_id"] for r in conn.execute(
@@ -240,6 +242,25 @@ def cleanup(conn: sqlite3.Connection, cutoffs: tuple[datetime, datetime], dry_ru
         with transaction(conn):
             sessions += conn.execute(f"DELETE FROM translation_sessions WHERE session_id IN ({marks})", ids).rowcount
     return sessions, tasks
+
+
+def reconcile(conn: sqlite3.Connection, after: str | None, sessions: int) -> tuple[str | None, int]:
+    """One slice of the reconciliation (Store.reconcile), under the write lock. The
+    triggers keep the counts whoever writes; this finds a task_counts edited by hand."""
+    with transaction(conn):
+        ids = [r["session_id"] for r in fetch(
+            conn, "SELECT session_id FROM translation_sessions" + ("" if after is None else " WHERE session_id > ?")
+            + " ORDER BY session_id LIMIT ?", [*([] if after is None else [after]), sessions])]
+        if not ids:
+            return None, 0
+        marks = ",".join("?" * len(ids))
+        kept = fetch(conn, KEPT_COUNTS.format(ids=marks), ids)
+        actual = fetch(conn, HOUR_COUNTS.format(where=f"session_id IN ({marks})"), ids)
+        repaired = drifted(kept, actual)
+        if repaired:
+            conn.execute(f"DELETE FROM task_counts WHERE session_id IN ({marks})", ids)
+            conn.execute("INSERT INTO task_counts " + HOUR_COUNTS.format(where=f"session_id IN ({marks})"), ids)
+    return ids[-1], repaired
 
 
 def stats(conn: sqlite3.Connection) -> tuple[list[dict], list[dict], Any, int, dict[str, int]]:
@@ -359,6 +380,9 @@ class SQLiteStore(Reads):
     async def cleanup(self, cutoffs: tuple[datetime, datetime], dry_run: bool,
                       stop: trio.Event | None = None) -> tuple[int, int]:
         return await self._read(cleanup, cutoffs, dry_run, lambda: stop is not None and stop.is_set())
+
+    async def reconcile(self, after: str | None, sessions: int) -> tuple[str | None, int]:
+        return await self._act(reconcile, after, sessions)
 
     async def stats(self) -> Stats:
         return stats_from(self.backend, *await self._read(stats))

@@ -74,6 +74,12 @@ class Store(typing.Protocol):
 
     async def stats(self) -> Stats: ...
 
+    async def reconcile(self, after: str | None, sessions: int) -> tuple[str | None, int]:
+        """Recounts task_counts for the next `sessions` sessions after `after` (key order)
+        in one transaction, and rewrites the rows of those that drifted (tasks written,
+        changed or deleted by other means than persistd). Returns the last session looked
+        at (None: the pass is done) and how many task_counts rows were wrong."""
+
     async def count_rows(self, table: Table) -> int:
         """COUNT(*), for copy-data's check."""
 
@@ -169,6 +175,12 @@ DELETE_CHUNK_ROWS = 5000  # rows one DELETE statement removes: short locks for c
 CLEANUP_CHUNK_SESSIONS = 100
 CLEANUP_WHERE = ("(status = 'completed' AND updated_at < %s)"
                  " OR (status IN ('failed', 'cancelled') AND updated_at < %s)")
+# The dry run counts the tasks themselves: exact whoever wrote them, as the cleanup deletes them.
+CLEANUP_DRY_RUN = (f"SELECT (SELECT COUNT(*) FROM translation_sessions WHERE {CLEANUP_WHERE}) AS sessions,"
+                   " (SELECT COUNT(*) FROM translation_tasks WHERE session_id IN"
+                   f" (SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE})) AS tasks")
+KEPT_COUNTS = ("SELECT session_id, status, created_hour, tasks, duration_ms_sum, durations FROM task_counts"
+               " WHERE session_id IN ({ids})")
 SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at"}  # never request text in SQL
 ORDERS = {"asc": "ASC", "desc": "DESC"}
 TASK_STATS = ("SELECT status, SUM(tasks) AS n, SUM(duration_ms_sum) AS ms, SUM(durations) AS d"
@@ -387,6 +399,16 @@ async def copy_data(source: Store, target: Store, say: typing.Callable[[str], No
             after, copied = rows[-1][table.key], copied + len(rows)
             say(f"{table.name}: {copied} rows copied, up to {after!r}")
     return {table.name: (await source.count_rows(table), await target.count_rows(table)) for table in (SESSIONS, TASKS)}
+
+
+def drifted(kept: list[dict], actual: list[dict]) -> int:
+    """How many task_counts rows differ from a recount (rows of zeros count as absent)."""
+    def keyed(rows: list[dict]) -> dict[tuple, tuple]:
+        return {(r["session_id"], r["status"], r["created_hour"]): (int(r["tasks"]), int(r["duration_ms_sum"]),
+                                                                  int(r["durations"]))
+                for r in rows if (r["tasks"], r["duration_ms_sum"], r["durations"]) != (0, 0, 0)}
+    a, b = keyed(kept), keyed(actual)
+    return sum(a.get(k) != b.get(k) for k in a.keys() | b.keys())
 
 
 def stats_from(backend: str, task_rows: list[dict], session_rows: list[dict], session_time: Any, size_bytes: int,

@@ -150,16 +150,17 @@ class Db:
     async def query(self, sql: str, *args):
         return await self.impl.query(sql, *args)
 
-    async def insert(self, table: str, rows: list[dict], chunk: int = 500) -> None:
+    async def insert(self, table: str, rows: list[dict], chunk: int = 500, recount: bool = True) -> None:
         """Rows straight into a table (old rows, large data sets), bypassing persistd;
-        tasks are then counted as persistd counts them at its start."""
+        tasks are then counted as persistd counts them at its start, unless `recount` is
+        False (rows written behind persistd's back; SQLite's triggers count them anyway)."""
         columns = list(rows[0])
         for i in range(0, len(rows), chunk):
             part = rows[i:i + chunk]
             values = ",".join(["(" + ",".join(["%s"] * len(columns)) + ")"] * len(part))
             await self.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}",
                              *[row[c] for row in part for c in columns])
-        if table == "translation_tasks":
+        if table == "translation_tasks" and recount:
             await self.store.recount()
 
     async def assert_counts_exact(self) -> None:

@@ -378,6 +378,38 @@ async def test_a_bad_cleanup_body_is_refused_and_deletes_nothing(daemon, db, con
     assert (await session_ids(db), await task_count(db)) == (set(AGED), 15)
 
 
+async def test_totals_stats_and_the_dry_run_are_exact_within_a_reconciliation_period_whoever_writes(db, tmp_path):
+    """Tasks inserted, changed and deleted by SQL behind persistd's back (a migration, an
+    operator's hand) while it runs, and then deleted through it: within one
+    reconcile_interval (1 s here) every total, the stats and the cleanup dry run equal
+    COUNT(*) again, no count is below zero, and the repairs are counted in a metric."""
+    cfg = make_config(tmp_path, janitor={"interval": 0, "reconcile_interval": 1.0})
+    async with running(cfg) as d:
+        await d.post(SESSIONS_BATCH, {"sessions": [session("kept"), session("old", status="completed")]})
+        await d.post(TASKS_BATCH, {"tasks": [task(f"p{i}", "kept", duration_ms=i) for i in range(20)]})
+        await d.flush()
+        await db.insert("translation_tasks", [trow(f"x{i}", "kept", "completed", duration_ms=7) for i in range(30)]
+                        + [trow(f"o{i}", "old", "failed") for i in range(12)], recount=False)
+        await db.query("UPDATE translation_tasks SET status = 'failed' WHERE task_id IN ('p0', 'p1', 'p2')")
+        await db.query("DELETE FROM translation_tasks WHERE task_id IN ('p3', 'p4')")
+        await db.query("UPDATE translation_sessions SET updated_at = %s WHERE session_id = 'old'", ago(100))
+        r = await d.client.delete(f"{SESSIONS}/kept")  # persistd takes out what it finds, counted or not
+        assert r.json()["deleted_tasks"] == 48
+        await trio.sleep(2.5)  # a pass starts within 1 s and takes milliseconds here
+        assert await db.query("SELECT COUNT(*) FROM task_counts WHERE tasks < 0 OR durations < 0") == ((0,),)
+        await db.assert_counts_exact()
+        stats = (await d.get(STATS)).json()  # (the first stats read: nothing cached)
+        assert stats["tasks"]["total"] == 12 and stats["tasks"]["failed"] == 12
+        assert (await d.get(TASKS, params={"session_id": "old"})).json()["total"] == 12
+        dry = (await d.client.post(CLEANUP, json={"dry_run": True})).json()
+        assert (dry["deleted_sessions"], dry["deleted_tasks"]) == (1, 12)
+        metrics = (await d.get("/api/v1/system/metrics")).text
+        repaired = next(float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("persistence_task_counts_repaired_total "))
+        assert repaired >= (1 if db.backend == "mysql" else 0)  # SQLite's triggers counted them as they came
+        assert (await d.client.post(CLEANUP, json={"dry_run": False})).json()["deleted_tasks"] == 12
+
+
 # ── the janitor ──────────────────────────────────────────────────────────────────────
 
 
