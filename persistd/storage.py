@@ -389,7 +389,11 @@ async def copy_data(source: Store, target: Store, say: typing.Callable[[str], No
                             " of its own; copy into an empty database")
             say(f"{table.name}: the target holds keys up to {after!r}; continuing after it")
         while rows := await source.rows_after(table, after, chunk):
-            entries = {row[table.key]: as_entry(table, row) for row in rows}
+            try:
+                entries = {row[table.key]: as_entry(table, row) for row in rows}
+            except msgspec.ValidationError as exc:  # a row written by other means, that persistd would refuse
+                raise Fatal(f"{table.name} after {after!r} holds a row persistd refuses ({exc});"
+                            " nothing after it was copied") from None
             snapshot = Snapshot(0, entries if table is SESSIONS else {}, entries if table is TASKS else {})
             outcome = await target.write(snapshot)
             if outcome.refused or outcome.held:
