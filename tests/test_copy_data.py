@@ -4,6 +4,7 @@ it goes on after the last key the target holds; the counts are checked at the en
 both ways on a data set with every field shape, and cut off with kill -9 and resumed."""
 
 import signal
+import sqlite3
 import subprocess
 
 import httpx
@@ -14,7 +15,7 @@ import trio
 from conftest import MYSQL_URL, scratch_database, session, task
 from persistd.daemon import DatabaseConfig, open_store
 from persistd.storage import SESSIONS, TASKS
-from processes import PERSISTD, clean_environ, persistd_process, post
+from processes import PERSISTD, assert_one_line_error, clean_environ, persistd_process, post
 
 SESSIONS_URL = "/api/v1/translation/sessions/batch"
 TASKS_URL = "/api/v1/translation/tasks/batch"
@@ -136,6 +137,20 @@ async def test_a_target_that_holds_rows_of_its_own_is_refused(tmp_path):
             await client.post("/api/v1/translation/flush")
     proc = await copy(urls["sqlite"], urls["sqlite-2"])
     assert proc.returncode == 1 and "holds rows of its own" in proc.stderr.decode().splitlines()[-1]
+
+
+async def test_a_source_row_persistd_would_refuse_stops_the_copy_with_one_line(tmp_path):
+    """A row written by other means that persistd's door refuses (here an id with a space)
+    stops the copy before it, with one line and exit 1, not a traceback."""
+    urls = backends(tmp_path, "")
+    store = open_store(msgspec.convert({"url": urls["sqlite"]}, DatabaseConfig))
+    await store.open()
+    store.close()
+    with sqlite3.connect(tmp_path / "from.db") as conn:
+        conn.execute("INSERT INTO translation_sessions (session_id, filename, file_path, status, llm_provider)"
+                     " VALUES ('a b', 'f', 'p', 'pending', 'x')")
+    proc = await copy(urls["sqlite"], urls["sqlite-2"])
+    assert_one_line_error(proc, 1, "translation_sessions", "refuses")
 
 
 def scratch_database_or_none(name: str, wanted: bool):
