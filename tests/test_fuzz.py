@@ -3,7 +3,7 @@
 against the document (`--checks all`: no 5xx, status codes, content types, headers and
 bodies as documented, schema-violating requests refused, valid ones accepted, 401 without
 the credential). Each run is at least 1,000 requests over all 15 operations; afterwards the
-daemon is healthy and every batch it acknowledged is in MySQL.
+daemon is healthy and every batch it acknowledged is in the database (each backend: the db fixture).
 
 The runs are repeatable: the seed is fixed (PERSISTD_FUZZ_SEED sets another, to explore) and
 nothing is kept between runs. A failure prints schemathesis's report, with a curl command
