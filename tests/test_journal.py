@@ -230,10 +230,10 @@ async def test_the_202_comes_after_the_batch_is_in_the_journal(db, tmp_path):
 
 
 @mysql_only
-async def test_a_session_deleted_while_the_database_is_down_does_not_come_back_at_the_next_start(db, tmp_path):
+async def test_a_delete_refused_while_the_database_is_down_leaves_every_row_to_the_next_start(db, tmp_path):
     """Rows accepted, then their session DELETEd, all while the database is unreachable,
-    then a stop: the journal still holds the rows and the DELETE. The next start must not
-    write the deleted session's rows; what was accepted for it after the DELETE stays."""
+    then a stop. The DELETE is a 503 that changes nothing (issue 12): the journal keeps
+    the rows, and the next start writes them all, the later ones too."""
     async with tcp_proxy() as proxy:
         await proxy.cut()
         cut = make_config(tmp_path, database={"url": proxy.url()}, buffer={"shutdown_timeout": 1})
@@ -243,13 +243,34 @@ async def test_a_session_deleted_while_the_database_is_down_does_not_come_back_a
             assert (await daemon.post(TASKS_URL, {"tasks": [task("g1", session_id="gone"),
                                                             task("k1", session_id="kept")]})).status_code == 202
             deleted = await daemon.client.delete("/api/v1/translation/sessions/gone")
-            assert deleted.status_code == 503  # the database delete could not run; the buffer forgot the rows
+            assert (deleted.status_code, deleted.json()["error_code"]) == (503, "DATABASE_UNAVAILABLE")
             assert (await daemon.post(TASKS_URL, {"tasks": [task("g2", session_id="gone")]})).status_code == 202
     assert segments(tmp_path / "state" / "journal")
     async with running(make_config(tmp_path)) as daemon:
-        assert (await daemon.flush())["tasks_waiting_for_session"] == 1  # g2: its session was deleted
+        assert (await daemon.flush())["tasks_waiting_for_session"] == 0
+    assert await db.query("SELECT session_id, status FROM translation_sessions ORDER BY 1") == (
+        ("gone", "completed"), ("kept", "processing"))
+    assert await db.query("SELECT task_id FROM translation_tasks ORDER BY 1") == (("g1",), ("g2",), ("k1",))
+
+
+async def test_a_session_deleted_before_a_kill_9_does_not_come_back_from_the_journal(db, tmp_path):
+    """A DELETE answered 200 while the session's rows are still in the journal (an older
+    unwritten row keeps every later record there), then kill -9: the replay voids them
+    (the journal's FORGET record), and what was accepted for the session after stays."""
+    slow = {"flush_interval": 30.0, "flush_rows": 100_000}
+    async with persistd_process(tmp_path, buffer=slow) as process:
+        async with httpx.AsyncClient(base_url=process.url) as client:
+            for body in ({"sessions": [session("kept")]}, {"sessions": [session("gone")]}):
+                assert (await client.post(SESSIONS_URL, json=body)).status_code == 202
+            assert (await client.post(TASKS_URL, json={"tasks": [task("g1", session_id="gone")]})).status_code == 202
+            assert (await client.delete("/api/v1/translation/sessions/gone")).status_code == 200
+            assert (await client.post(TASKS_URL, json={"tasks": [task("g2", session_id="gone")]})).status_code == 202
+        await process.kill()
+    async with persistd_process(tmp_path, buffer=slow) as process:
+        async with httpx.AsyncClient(base_url=process.url) as client:
+            assert (await client.post("/api/v1/translation/flush")).json()["tasks_waiting_for_session"] == 1  # g2
     assert await db.query("SELECT session_id FROM translation_sessions") == (("kept",),)
-    assert await db.query("SELECT task_id FROM translation_tasks") == (("k1",),)
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((0,),)
 
 
 def test_mode_off_refuses_to_start_over_unwritten_journal_records(tmp_path):
