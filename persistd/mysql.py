@@ -547,8 +547,7 @@ class MySQLStore(Reads):
         with trio.fail_after(self.cfg.connect_timeout + self.cfg.write_timeout):
             conn = await self.db.connect(create=True)
             try:
-                for sql in schema_statements(self.schema):
-                    await conn.query(sql)
+                await ensure_schema(conn, self.schema)
                 packet = await count(conn, "SELECT @@max_allowed_packet AS n")
             except BaseException:
                 conn.close()

@@ -226,10 +226,10 @@ def delete_session(conn: sqlite3.Connection, session_id: str, buffered_tasks: li
 
 def cleanup(conn: sqlite3.Connection, cutoffs: tuple[datetime, datetime], dry_run: bool,
             stopped: typing.Callable[[], bool]) -> tuple[int, int]:
-    where, args = CLEANUP_WHERE.replace("%s", "?"), db_args(list(cutoffs))
     if dry_run:
         found = fetch(conn, CLEANUP_DRY_RUN, [*cutoffs, *cutoffs])[0]
         return int(found["sessions"]), int(found["tasks"])
+    where, args = CLEANUP_WHERE.replace("%s", "?"), db_args(list(cutoffs))
     sessions = tasks = 0
     while not stopped():
         ids = [r["session_id"] for r in conn.execute(
