@@ -354,16 +354,16 @@ async def test_an_exception_in_any_actor_stops_the_daemon_and_loses_no_acknowled
     inject(monkeypatch, actor, type(db.store), armed)
     cfg = make_config(tmp_path, journal={"mode": mode}, janitor={"interval": 0.3 if actor == "janitor" else 0},
                       buffer={"flush_interval": 30, "flush_rows": 100_000})
-    with pytest.raises(BaseExceptionGroup) as raised:
-        async with running(cfg) as d:
-            assert (await d.post(SESSIONS, {"sessions": [session()]})).status_code == 202
-            armed.set()
-            with trio.fail_after(10):
-                while True:  # make the armed actor run: a batch, a flush, a status
-                    with contextlib.suppress(httpx.TransportError):
-                        await d.post(TASKS, {"tasks": [task()]})
-                        await d.client.post(FLUSH)
-                    await trio.sleep(0.1)
+    gone = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with running(cfg) as d:
+                assert (await d.post(SESSIONS, {"sessions": [session()]})).status_code == 202
+                armed.set()
+                nursery.start_soon(make_it_run, d.url, gone)
+                with trio.fail_after(10):
+                    await trio.sleep_forever()  # the failure cancels this wait
+        gone.set()
     assert any(isinstance(e, RuntimeError) and actor in str(e) for e in leaves(raised.value)), raised.value
     monkeypatch.undo()
     if mode == "off":
@@ -376,6 +376,18 @@ async def test_an_exception_in_any_actor_stops_the_daemon_and_loses_no_acknowled
         async with running(make_config(tmp_path, journal={"mode": mode})) as d:  # the next start
             await d.flush()
         assert await db.query("SELECT session_id FROM translation_sessions") == ((session()["session_id"],),)
+
+
+async def make_it_run(url: str, gone: trio.Event) -> None:
+    """A batch, a flush, a status, again and again, until the daemon is gone: requests the
+    armed actor takes part in. Outside the daemon's nursery, so that its failure never
+    cancels a request half way (httpx would leave a stream for the garbage collector)."""
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        while not gone.is_set():
+            with contextlib.suppress(httpx.TransportError):
+                await client.post(TASKS, json={"tasks": [task()]})
+                await client.post(FLUSH)
+            await trio.sleep(0.1)
 
 
 def leaves(group: BaseException) -> list[BaseException]:
