@@ -42,7 +42,7 @@ log are printed (they do not fail the run).
 Ceiling, measured once, into a fresh database of the same backend: the same upserts in the
 same order (the concurrency-1 order), read back and compared like a level's.
 - mysql: each request's rows as one multi-row INSERT ... ON DUPLICATE KEY UPDATE built with
-  persistd's own statement builder (statement_frame, sql_value, sql_time), written to a
+  persistd's own statement builder (persistd.mysql.upsert_statements), written to a
   .sql file and timed as `mariadb --default-character-set=utf8mb4 DB < file.sql` (the
   client's default, utf8mb3, cannot carry emoji). The file starts with the daemon's own
   session setup (time_zone '+00:00', strict sql_mode) and runs with autocommit: one commit
@@ -75,7 +75,6 @@ import argparse
 import calendar
 import hashlib
 import math
-import operator
 import os
 import random
 import resource
@@ -101,8 +100,8 @@ import trio_mysql
 import persistd.daemon
 import persistd.sql
 
-from persistd.daemon import SESSION_SETUP, STATEMENT_MAX_BYTES, STATEMENT_MAX_ROWS, Entry, SessionIn, TaskIn
-from persistd.mysql import sql_time, sql_value, statement_frame
+from persistd.daemon import SESSION_SETUP, Entry, SessionIn, TaskIn
+from persistd.mysql import upsert_statements
 from persistd.sqlite import db_value, seconds, upsert_sql
 from persistd.storage import SESSIONS, TASKS, Table, group_by_shape, read_schema
 
@@ -475,19 +474,11 @@ def entries(req: Request, at: datetime) -> tuple[Table, list[Entry]]:
     return table, [Entry(row, at, at, 0) for row in rows]
 
 
-def mysql_statements(req: Request, at: datetime) -> list[tuple[str, int]]:
-    """(statement, rows) as persistd's MySQL upsert builds them for this request's rows."""
+def mysql_statements(req: Request, at: datetime) -> list[bytes]:
+    """The upserts persistd's MySQL backend builds for this request's rows (task_counts aside)."""
     table, accepted = entries(req, at)
-    statements = []
-    for shape, group in group_by_shape(table, accepted).items():
-        columns = table.required + shape
-        head, tail = statement_frame(table, columns)
-        values_of = operator.attrgetter(*columns)
-        for start in range(0, len(group), STATEMENT_MAX_ROWS):
-            literals = ["(" + ",".join(map(sql_value, values_of(e.row))) + "," + sql_time(e.created_at) + ","
-                        + sql_time(e.updated_at) + ")" for e in group[start:start + STATEMENT_MAX_ROWS]]
-            assert sum(map(len, literals)) < STATEMENT_MAX_BYTES, "persistd would split this statement"
-            statements.append((head + ",".join(literals) + tail, len(literals)))
+    statements = [statement.sql for statement in upsert_statements(table, accepted)]
+    assert len(statements) == len(group_by_shape(table, accepted)), "persistd would split this statement"
     return statements
 
 
@@ -506,15 +497,13 @@ def sqlite_statements(req: Request, at: datetime) -> list[tuple[str, list[tuple]
 def write_ceiling_sql(workload: Workload, path: Path) -> int:
     """The .sql file; returns the row-writes in it."""
     at = datetime.now(timezone.utc).replace(microsecond=0)
-    row_writes = 0
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(SESSION_SETUP + ";\n")
+    with open(path, "wb") as f:
+        f.write(SESSION_SETUP.encode() + b";\n")
         for stream in workload.streams:
             for req in stream:
-                for statement, rows in mysql_statements(req, at):
-                    f.write(statement + ";\n")
-                    row_writes += rows
-    return row_writes
+                for statement in mysql_statements(req, at):
+                    f.write(statement + b";\n")
+    return workload.row_writes
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """persistd's MySQL backend (MariaDB too): the storage seam (`persistd.storage.Store`) over
 trio-mysql, for production. Every statement persistd sends to MySQL is in this module.
 
-Writes: multi-row INSERT ... ON DUPLICATE KEY UPDATE built as text (~10 µs a row, in a
-worker thread) while the previous statement runs; task_counts kept in the same
-transaction. Reads: a small pool of connections, thrown away after any error. The
+Writes: multi-row INSERT ... ON DUPLICATE KEY UPDATE built as text (each row a JSON array
+encoded by msgspec, in a worker thread) while the previous statement runs; task_counts kept
+in the same transaction. Reads: a small pool of connections, thrown away after any error. The
 flusher's writer connection is its own."""
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from msgspec import UNSET
 
 from persistd.daemon import (SESSION_SETUP, STATEMENT_MAX_BYTES, STATEMENT_MAX_ROWS, UTC, DatabaseConfig, Entry,
                              Snapshot, Stats, Written, parse_database_url)
-from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, KEPT_COUNTS, drifted, DELETE_CHUNK_ROWS, EMPTY_COUNTS, RESTORED_FIELDS,
-                              SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS, TASKS, UNFINISHED, Query, Reads,
-                              Table, decode_json_columns, group_by_shape, hour_floor, read_schema, split_held,
+from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS, JSON_COLUMNS,
+                              KEPT_COUNTS, RESTORED_FIELDS,
+                              SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query,
+                              Reads,
+                              Table, decode_json_columns, drifted, group_by_shape, hour_floor, read_schema, split_held,
                               stats_from, unknown_sessions, written)
 
 
@@ -105,21 +107,34 @@ def sql_escape(text: str) -> str:
 # task_counts: the tasks by session, status and hour of creation, changed in the transaction
 # that changes the tasks. An upsert first counts out the stored states of its rows, then
 # counts in their new ones, both in the database: a partial update keeps stored fields, and
-# a task that already exists keeps its created_at.
+# a task that already exists keeps its created_at. A count-out never takes a count below
+# zero: a task written behind persistd's back was never counted in (the reconciliation
+# counts it later), so its bucket may hold less than the tasks found.
 CREATED_HOUR = "FROM_UNIXTIME(UNIX_TIMESTAMP(created_at) DIV 3600 * 3600)"
 COUNT_COLUMNS = "session_id, status, created_hour, tasks, duration_ms_sum, durations"
+GROUPED_TASKS = ("SELECT session_id, status, {hour} AS hour, COUNT(*) AS n, COALESCE(SUM(duration_ms), 0) AS ms,"
+                 " COUNT(duration_ms) AS nd FROM translation_tasks WHERE {where} GROUP BY 1, 2, 3")
 ADD_COUNTS = (" ON DUPLICATE KEY UPDATE tasks = tasks + VALUES(tasks),"
               " duration_ms_sum = duration_ms_sum + VALUES(duration_ms_sum), durations = durations + VALUES(durations)")
 
 
-def count_tasks_sql(sign: str, where: str) -> str:
-    """Adds (sign "") or takes away (sign "-") the tasks that match `where` as they are stored."""
-    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT session_id, status, {CREATED_HOUR},"
-            f" {sign}COUNT(*), {sign}COALESCE(SUM(duration_ms), 0), {sign}COUNT(duration_ms)"
-            f" FROM translation_tasks WHERE {where} GROUP BY 1, 2, 3" + ADD_COUNTS)
+def count_in_sql(where: str) -> str:
+    """Adds the tasks that match `where`, as they are stored, to their buckets."""
+    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT * FROM ("
+            + GROUPED_TASKS.format(hour=CREATED_HOUR, where=where) + ") AS d" + ADD_COUNTS)
 
 
-RECOUNT_TASKS = count_tasks_sql("", "TRUE")
+def count_out_sql(where: str) -> str:
+    """Takes the tasks that match `where`, as they are stored, out of their buckets, down to
+    zero at most. The derived table lets the update read each bucket's figures (MariaDB
+    refers to a grouped SELECT's columns no other way)."""
+    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT d.session_id, d.status, d.hour, 0, 0, 0 FROM ("
+            + GROUPED_TASKS.format(hour=CREATED_HOUR, where=where) + ") AS d ON DUPLICATE KEY UPDATE"
+            " tasks = GREATEST(tasks - d.n, 0), duration_ms_sum = GREATEST(duration_ms_sum - d.ms, 0),"
+            " durations = GREATEST(durations - d.nd, 0)")
+
+
+RECOUNT_TASKS = count_in_sql("TRUE")
 
 
 def sql_value(value: Any) -> str:
@@ -139,31 +154,65 @@ def sql_value(value: Any) -> str:
 
 @functools.lru_cache(maxsize=256)
 def sql_time(value: datetime) -> str:
-    return value.strftime("'%Y-%m-%d %H:%M:%S'")
+    return "'" + time_text(value) + "'"
+
+
+@functools.lru_cache(maxsize=256)
+def time_text(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+# A row's values, encoded by msgspec as a JSON array, are a MySQL row literal once its
+# brackets are parentheses: JSON strings are double-quoted MySQL strings (ANSI_QUOTES is
+# off), their escapes \" \\ \n \r \t \b are MySQL's too, numbers are numbers and null
+# is NULL. Only \f and \uXXXX (other control characters) mean something else to MySQL: a
+# row with one (the check may also catch an escaped backslash before an f or u) is written
+# value by value. Building the text this way takes about a fifth of the time.
+ROW_ENCODER = msgspec.json.Encoder()
+NOT_MYSQL = re.compile(rb"\\[fu]")
+
+
+def row_literal(values: list[Any]) -> bytes:
+    literal = ROW_ENCODER.encode(values)
+    if NOT_MYSQL.search(literal):
+        return ("(" + ",".join(map(sql_value, values)) + ")").encode()
+    return b"(" + literal[1:-1] + b")"
 
 
 @functools.cache
-def statement_frame(table: Table, columns: tuple[str, ...]) -> tuple[str, str]:
+def statement_frame(table: Table, columns: tuple[str, ...]) -> tuple[bytes, bytes]:
     """INSERT head and ON DUPLICATE KEY UPDATE tail for rows that carry `columns`. Only
     the columns a row carries are updated; created_at is written once, never updated."""
     all_columns = (*columns, "created_at", "updated_at")
     head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in all_columns)}) VALUES "
     updates = [f"`{c}` = VALUES(`{c}`)" for c in all_columns if c not in (table.key, "created_at")]
-    return head, " ON DUPLICATE KEY UPDATE " + ", ".join(updates)
+    return head.encode(), (" ON DUPLICATE KEY UPDATE " + ", ".join(updates)).encode()
+
+
+@functools.cache
+def converters(columns: tuple[str, ...]) -> tuple[tuple[int, typing.Callable[[Any], str]], ...]:
+    """The columns whose values msgspec would not encode as MySQL reads them: times (no
+    ISO 8601 "T" and "Z" in a TIMESTAMP) and JSON objects (stored as their text)."""
+    return tuple((i, time_text if name in TIME_COLUMNS else json_text)
+                 for i, name in enumerate(columns) if name in TIME_COLUMNS or name in JSON_COLUMNS)
 
 
 class Statement(NamedTuple):
-    sql: str
+    sql: bytes
     count_out: str | None  # for a counted table: takes the rows' stored states out of task_counts
     count_in: str | None  # and adds their new states, once `sql` has run
     count_new: str | None  # the same as count_in when no row was stored before, without reading them
 
 
-def with_counts(table: Table, sql: str, entries: list[Entry], keys: list[str]) -> Statement:
+def with_counts(table: Table, sql: bytes, entries: list[Entry], keys: list[str]) -> Statement:
     if table is not TASKS:
         return Statement(sql, None, None, None)
     where = f"{table.key} IN ({','.join(keys)})"
-    return Statement(sql, count_tasks_sql("-", where), count_tasks_sql("", where), count_new_tasks_sql(entries))
+    return Statement(sql, count_out_sql(where), count_in_sql(where), count_new_tasks_sql(entries))
 
 
 def count_new_tasks_sql(entries: list[Entry]) -> str:
@@ -183,37 +232,39 @@ def count_new_tasks_sql(entries: list[Entry]) -> str:
 
 def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATEMENT_MAX_BYTES) -> list[Statement]:
     """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
-    STATEMENT_MAX_ROWS rows and `max_bytes` bytes of values each, counted in UTF-8 as
-    the server counts its max_allowed_packet (an emoji is one character and 4 bytes)."""
+    STATEMENT_MAX_ROWS rows and `max_bytes` bytes of values each (UTF-8, as the server
+    counts its max_allowed_packet: an emoji is one character and 4 bytes)."""
     statements = []
     for shape, group in group_by_shape(table, entries).items():
         columns = table.required + shape
         head, tail = statement_frame(table, columns)
         values_of = operator.attrgetter(*columns)
-        key_of = operator.attrgetter(table.key)
-        values: list[str] = []
+        convert = converters(columns)
+        values: list[bytes] = []
         part: list[Entry] = []
         keys: list[str] = []
         size = 0
         for entry in group:
-            literal = "(" + ",".join(map(sql_value, values_of(entry.row))) + "," + \
-                sql_time(entry.created_at) + "," + sql_time(entry.updated_at) + ")"
-            nbytes = len(literal) if literal.isascii() else len(literal.encode())
-            if len(values) == STATEMENT_MAX_ROWS or size + nbytes > max_bytes:
-                statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
+            row = [*values_of(entry.row), time_text(entry.created_at), time_text(entry.updated_at)]
+            for i, to_text in convert:
+                if row[i] is not None:
+                    row[i] = to_text(row[i])
+            literal = row_literal(row)
+            if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > max_bytes:
+                statements.append(with_counts(table, head + b",".join(values) + tail, part, keys))
                 values, part, keys, size = [], [], [], 0
             values.append(literal)
             part.append(entry)
-            keys.append(sql_value(key_of(entry.row)))
-            size += nbytes + 1
+            keys.append(sql_value(row[0]))
+            size += len(literal) + 1
         if values:
-            statements.append(with_counts(table, head + ",".join(values) + tail, part, keys))
+            statements.append(with_counts(table, head + b",".join(values) + tail, part, keys))
     return statements
 
 
 async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
                  max_bytes: int = STATEMENT_MAX_BYTES) -> None:
-    """Building the statements is pure Python, ~10 µs a row. It runs in a worker thread,
+    """Building the statements is mostly Python, ~4-7 µs a row. It runs in a worker thread,
     STATEMENT_MAX_ROWS rows at a time, while the previous statements execute: the
     database never waits for the next one, and on the event loop request handlers (each
     decoding a body in one go) would starve it under load and be held up by it. The GIL
@@ -372,7 +423,7 @@ async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> i
             ids = [task_id for (task_id,) in await cursor.fetchall()]
         if ids:
             chunk = f"task_id IN ({','.join(map(sql_value, ids))})"
-            await conn.query(count_tasks_sql("-", chunk))
+            await conn.query(count_out_sql(chunk))
             deleted += await conn.query(f"DELETE FROM translation_tasks WHERE {chunk}")
         await conn.query("COMMIT")
         if len(ids) < DELETE_CHUNK_ROWS:
@@ -434,7 +485,7 @@ async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: in
     repaired = drifted(kept, actual)
     if repaired:
         await conn.query(f"DELETE FROM task_counts WHERE session_id IN ({chunk})")
-        await conn.query(count_tasks_sql("", f"session_id IN ({chunk})"))
+        await conn.query(count_in_sql(f"session_id IN ({chunk})"))
     await conn.query("COMMIT")
     return ids[-1], repaired
 

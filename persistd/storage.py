@@ -149,11 +149,16 @@ def read_schema(name: str) -> str:
         raise Fatal(f"cannot read {name} from the installed package persistd.sql ({exc}): reinstall persistd") from None
 
 
+JSON_COLUMNS = ("game_info", "metadata")  # JSON objects, stored as their text
+TIME_COLUMNS = ("start_time", "end_time")  # times a row carries (besides created_at and updated_at)
+
+
 def decode_json_columns(row: dict) -> dict:
-    for name in ("game_info", "metadata"):
+    for name in JSON_COLUMNS:
         if row.get(name) is not None:
             row[name] = msgspec.json.decode(row[name])
     return row
+
 
 SESSION_COLUMNS = ("session_id, filename, file_path, status, game_info, llm_provider, metadata, total_tasks,"
                    " completed_tasks, failed_tasks, processing_tasks, created_at, updated_at")

@@ -410,6 +410,28 @@ async def test_totals_stats_and_the_dry_run_are_exact_within_a_reconciliation_pe
         assert (await d.client.post(CLEANUP, json={"dry_run": False})).json()["deleted_tasks"] == 12
 
 
+async def test_no_count_goes_below_zero_when_persistd_changes_or_deletes_tasks_it_never_counted(db, tmp_path):
+    """Tasks inserted by SQL were never counted in. Before any reconciliation pass, persistd
+    changes their status and then deletes some in a cleanup: their buckets go down to zero,
+    never below (the next pass counts them in)."""
+    cfg = make_config(tmp_path, janitor={"interval": 0, "reconcile_interval": 3600.0})
+    negative = "SELECT COUNT(*) FROM task_counts WHERE tasks < 0 OR duration_ms_sum < 0 OR durations < 0"
+    async with running(cfg) as d:
+        await d.post(SESSIONS_BATCH, {"sessions": [session("s"), session("old", status="failed")]})
+        await d.post(TASKS_BATCH, {"tasks": [task("p0", "s", duration_ms=5), task("q0", "old")]})
+        await d.flush()
+        await db.insert("translation_tasks", [trow(f"x{i}", "s", duration_ms=9) for i in range(3)]
+                        + [trow("y", "s", "completed", duration_ms=9)]
+                        + [trow(f"o{i}", "old", "failed", duration_ms=1) for i in range(5)], recount=False)
+        await d.post(TASKS_BATCH, {"tasks": [task(t, "s", status="failed") for t in ("p0", "x0", "x1", "x2", "y")]})
+        await d.flush()
+        assert await db.query(negative) == ((0,),)
+        await db.query("UPDATE translation_sessions SET updated_at = %s WHERE session_id = 'old'", ago(100))
+        gone = (await d.client.post(CLEANUP, json={"dry_run": False})).json()
+        assert (gone["deleted_sessions"], gone["deleted_tasks"]) == (1, 6)
+        assert await db.query(negative) == ((0,),)
+
+
 # ── the janitor ──────────────────────────────────────────────────────────────────────
 
 

@@ -413,7 +413,7 @@ class Recording:
         self.conn, self.statements = conn, []
 
     async def query(self, sql):
-        self.statements.append(sql)
+        self.statements.append(sql.decode() if isinstance(sql, bytes) else sql)
         return await self.conn.query(sql)
 
 
@@ -719,9 +719,13 @@ def test_buffered_bytes_are_limited_too():
     assert buf.bytes == 0 and buf.has_room(1, 1_000_000)
 
 
-async def test_every_character_is_stored_as_sent(daemon, db):
+@pytest.mark.parametrize("nasty", [
+    "它说：\"Hello\", 'adventurer' \\ \\\\n \0 \n\r\t \x1a 😀 🎮 é ' OR 1=1; --",  # NUL: escaped value by value
+    "它说：\"Hello\", 'adventurer' \\ \\\\n \n\r\t\b 😀 é ' OR 1=1; --",  # JSON's escapes as MySQL's
+    "form\x0cfeed \\u0041 \\f \x7f \u2028",  # JSON's \f, and \u \f after a backslash: value by value
+], ids=["control", "json-escapes", "form-feed"])
+async def test_every_character_is_stored_as_sent(daemon, db, nasty):
     """Escaping round-trips: quotes, backslashes, NUL, control characters, CJK, emoji."""
-    nasty = "它说：\"Hello\", 'adventurer' \\ \\\\n \0 \n\r\t \x1a 😀 🎮 é ' OR 1=1; --"
     await daemon.post(SESSIONS_URL, {"sessions": [session(game_info={"name": nasty, nasty: [nasty]})]})
     await daemon.post(TASKS_URL, {"tasks": [task(source_text=nasty, target_text=nasty, context=nasty,
                                                  error_message=nasty, sheet_name=nasty[:50])]})
