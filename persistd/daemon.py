@@ -61,6 +61,7 @@ import contextlib
 import functools
 import gc
 import hashlib
+import heapq
 import hmac
 import importlib.metadata
 import importlib.resources
@@ -128,6 +129,11 @@ RECONCILE_SESSIONS = 200  # sessions one reconciliation transaction recounts
 STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
 LOW_WATERMARK = 0.8  # once over a limit, batches are refused until every use is below this share
+DRAIN_WINDOW_S = 5.0  # the drain rate behind Retry-After: rows written over this many seconds
+RETRY_AFTER_MAX_S = 60
+# About the fewest bytes a row takes in a batch body (the required fields, shortest values,
+# no whitespace): the first estimate of a batch's rows from its Content-Length.
+MIN_ROW_BYTES = {"sessions": 80, "tasks": 120}
 RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
 ORPHAN_SWEEP_MAX_S = 60.0
 STATUS_EVERY_S = 5.0  # systemd's STATUS= line is refreshed this often (and at half WatchdogSec)
@@ -188,6 +194,9 @@ class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_timeout: Seconds = 30.0
     retry_max: Seconds = 30.0
     orphan_ttl: Seconds = 3600.0
+    # A batch that does not fit waits this long for room, its body unread, before its 503.
+    # Under the spec client's 2 s timeout.
+    admission_wait: Annotated[float, Meta(ge=0, le=10)] = 1.0
 
 
 class StateConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -976,6 +985,9 @@ class Metrics:
             "persistence_backpressure", "1 while batches are refused with 503 BUFFER_FULL", registry=r)
         self.refused_batches = prometheus_client.Counter(
             "persistence_batches_refused", "Batches refused with 503 BUFFER_FULL", registry=r)
+        self.refused_bytes_read = prometheus_client.Counter(
+            "persistence_refused_body_bytes_read", "Bytes of batch bodies read and decoded, then refused with 503"
+            " BUFFER_FULL (a batch is refused unread unless it has more rows than its size suggested)", registry=r)
         self.auth_refusals = prometheus_client.Counter(
             "persistence_auth_refusals", "Requests refused with 401 or 403, by reason", ["reason"], registry=r)
 
@@ -1224,6 +1236,18 @@ def put(rows: dict[str, Entry], key: str, entry: Entry) -> int:
     return rows[key].size - before
 
 
+WAITING_CLAIM, HELD_CLAIM, GONE_CLAIM = range(3)
+
+
+class Claim:
+    """Room asked for a batch before its body is read (see Buffer.claim). Only the buffer
+    actor changes it; the request handler hands it back with the batch, or when it fails."""
+
+    def __init__(self, rows: int, nbytes: int, deadline: float, reply: trio.MemorySendChannel) -> None:
+        self.rows, self.nbytes, self.deadline, self.reply = rows, nbytes, deadline, reply
+        self.state = WAITING_CLAIM
+
+
 class Snapshot(NamedTuple):
     seq: int  # every write accepted up to here is in it, or held
     sessions: dict[str, Entry]
@@ -1276,6 +1300,13 @@ class Buffer:
         self.last_flush: datetime | None = None
         self.last_error: str | None = None
         self.waiters: list[FlushWaiter] = []
+        self.admitting: collections.deque[Claim] = collections.deque()  # batches waiting for room, in turn
+        self.reserved_rows = 0  # held by claims: admitted batches whose rows have not arrived yet
+        self.reserved_bytes = 0
+        self.row_bytes = dict(MIN_ROW_BYTES)  # request bytes a row took in the last batch, by key
+        self.drained: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows written)
+        self.pins: collections.Counter[int] = collections.Counter()  # first_seq -> unwritten rows
+        self.pin_heap: list[int] = []  # the keys of `pins`, and some gone since (see floor)
         self.forgetting: list[tuple[trio.MemorySendChannel, str, bool, list[str]]] = []  # DELETEs waiting for in_flight
 
     # size
@@ -1293,17 +1324,76 @@ class Buffer:
         """Whether a batch of `rows` rows and `nbytes` request bytes may be accepted. Once
         a limit is reached, nothing is until rows, bytes and journal are all below the
         low watermark: clients back off instead of filling every gap a flush opens."""
-        used = ((sum(self.counts()), self.cfg.max_rows), (self.bytes, self.cfg.max_bytes),
-                (self.journal_bytes, self.journal_max_bytes))
+        used = ((sum(self.counts()) + self.reserved_rows, self.cfg.max_rows),
+                (self.bytes + self.reserved_bytes, self.cfg.max_bytes),
+                (self.journal_bytes + self.reserved_bytes, self.journal_max_bytes))
         if self.refusing:
             self.refusing = any(n > LOW_WATERMARK * limit for n, limit in used)
         if not self.refusing:
             self.refusing = any(n + more > limit for (n, limit), more in zip(used, (rows, nbytes, nbytes)))
         return not self.refusing
 
+    # admission: a batch is given room before its body is read
+    def claim(self, key: str, nbytes: int, deadline: float, reply: trio.MemorySendChannel) -> Claim | None:
+        """Room for a batch of `nbytes` bytes: the claim, held at once, or None while it
+        waits its turn (admissions() answers it). Its rows are estimated at the size of
+        the last batch's; the exact count is checked once the body has been decoded."""
+        rows = min(MAX_BATCH_ROWS, max(1, nbytes // self.row_bytes[key]))
+        claim = Claim(rows, nbytes, deadline, reply)
+        if not self.admitting and self.has_room(rows, nbytes):
+            return self._hold(claim)
+        self.admitting.append(claim)
+        return None
+
+    def _hold(self, claim: Claim) -> Claim:
+        claim.state = HELD_CLAIM
+        self.reserved_rows += claim.rows
+        self.reserved_bytes += claim.nbytes
+        return claim
+
+    def let_go(self, claim: Claim) -> None:
+        """The claim's batch has arrived, or never will: its room is no longer reserved."""
+        if claim.state == HELD_CLAIM:
+            self.reserved_rows -= claim.rows
+            self.reserved_bytes -= claim.nbytes
+        claim.state = GONE_CLAIM
+
+    def admissions(self, now: float) -> list[tuple[trio.MemorySendChannel, Claim | int]]:
+        """The waiting batches answered now, in turn: each is given room (its claim) or,
+        once its wait is over, refused (the Retry-After seconds)."""
+        answers: list[tuple[trio.MemorySendChannel, Claim | int]] = []
+        while self.admitting:
+            claim = self.admitting[0]
+            if claim.state == GONE_CLAIM:
+                self.admitting.popleft()
+            elif not self.draining and self.has_room(claim.rows, claim.nbytes):
+                answers.append((self.admitting.popleft().reply, self._hold(claim)))
+            elif now >= claim.deadline or self.draining:
+                self.admitting.popleft().state = GONE_CLAIM
+                answers.append((claim.reply, self.retry_after(now)))
+            else:
+                break
+        return answers
+
+    def retry_after(self, now: float) -> int:
+        """Whole seconds until the buffer is likely below its low watermark again, at the
+        rate rows were written lately; while flushes fail, the time of the next attempt."""
+        while self.drained and self.drained[0][0] < now - DRAIN_WINDOW_S:
+            self.drained.popleft()
+        rate = sum(rows for _, rows in self.drained) / DRAIN_WINDOW_S
+        if self.failures:
+            wait = self.retry_at - now
+        elif rate == 0:
+            wait = self.cfg.flush_interval
+        else:
+            waiting = sum(c.rows for c in self.admitting if c.state != GONE_CLAIM)
+            wait = (sum(self.counts()) + self.reserved_rows + waiting - LOW_WATERMARK * self.cfg.max_rows) / rate
+        return min(RETRY_AFTER_MAX_S, max(1, math.ceil(wait)))
+
     # writes
     def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int) -> int:
         """Take an accepted batch; returns its seq."""
+        self.row_bytes[key] = max(MIN_ROW_BYTES[key], -(-nbytes // max(len(rows), 1)))  # rounded up
         self.seq += 1
         self.accepted.append((self.seq, now))
         size = nbytes // max(len(rows), 1)
@@ -1326,18 +1416,39 @@ class Buffer:
         grew = 0
         if key == "sessions":
             for entry in entries:
-                grew += put(self.sessions, entry.row.session_id, entry)
+                grew += self._put(self.sessions, entry.row.session_id, entry)
                 for task_id, held in self.held.pop(entry.row.session_id, {}).items():
-                    grew += put(self.tasks, task_id, held) - held.size
+                    self._unpin(held)
+                    grew += self._put(self.tasks, task_id, held) - held.size
         else:
             for entry in entries:
                 group = self.held.get(entry.row.session_id)
                 if group is not None:
                     entry.held_since = entry.held_since or now
-                    grew += put(group, entry.row.task_id, entry)
+                    grew += self._put(group, entry.row.task_id, entry)
                 else:
-                    grew += put(self.tasks, entry.row.task_id, entry)
+                    grew += self._put(self.tasks, entry.row.task_id, entry)
         self.bytes += grew
+
+    def _put(self, rows: dict[str, Entry], key: str, entry: Entry) -> int:
+        """put(), keeping `pins`: the rows that still need each journal record."""
+        old = rows.get(key)
+        if old is not None:
+            self._unpin(old)
+        grew = put(rows, key, entry)
+        self._pin(rows[key])
+        return grew
+
+    def _pin(self, entry: Entry) -> None:
+        if not self.pins[entry.first_seq]:
+            heapq.heappush(self.pin_heap, entry.first_seq)
+        self.pins[entry.first_seq] += 1
+
+    def _unpin(self, *entries: Entry) -> None:
+        for entry in entries:
+            self.pins[entry.first_seq] -= 1
+            if not self.pins[entry.first_seq]:
+                del self.pins[entry.first_seq]
 
     def next_seq(self) -> int:
         """A seq for a journal record that is not a batch (a DELETE, held tasks copied forward)."""
@@ -1352,8 +1463,10 @@ class Buffer:
         if self.replaying or not held or min(e.first_seq for e in held) > self.floor():
             return []  # (during a replay, a new seq would be one the journal still holds)
         seq = self.next_seq()
+        self._unpin(*held)
         for entry in held:
             entry.first_seq = seq
+            self._pin(entry)
         return held
 
     def replay_done(self, last_seq: int) -> None:
@@ -1368,11 +1481,11 @@ class Buffer:
     def floor(self) -> int:
         """The oldest journal record still needed: every row not yet written keeps the
         records of its writes since it was last written. While a replay runs, `seq` is
-        the last record replayed: the records after it are kept too."""
-        groups = [self.sessions, self.tasks, *self.held.values()]
-        if self.in_flight is not None:
-            groups += [self.in_flight.sessions, self.in_flight.tasks]
-        return min((e.first_seq for group in groups for e in group.values()), default=self.seq + 1)
+        the last record replayed: the records after it are kept too. The heap's smallest
+        seq that still pins a row; seqs no row pins any more are dropped on the way."""
+        while self.pin_heap and self.pin_heap[0] not in self.pins:
+            heapq.heappop(self.pin_heap)
+        return self.pin_heap[0] if self.pin_heap else self.seq + 1
 
     def release(self) -> int | None:
         """The new floor for the journal, when it has moved."""
@@ -1440,17 +1553,19 @@ class Buffer:
         self.durable_seq = snapshot.seq
         self.failures, self.retry_at, self.last_error = 0, math.inf, None
         self.last_flush = utc_now()
+        self.drained.append((now, len(snapshot.sessions) + len(snapshot.tasks) - len(held)))
         self.bytes -= sum(e.size for rows in (snapshot.sessions, snapshot.tasks) for e in rows.values())
+        self._unpin(*snapshot.sessions.values(), *snapshot.tasks.values())
         forgotten = {f[1]: f[3] for f in self.forgetting}
         for entry in held:
             session_id = entry.row.session_id
             if session_id in forgotten:
                 forgotten[session_id].append(entry.row.task_id)
             elif session_id in self.sessions:
-                self.bytes += put(self.tasks, entry.row.task_id, entry)
+                self.bytes += self._put(self.tasks, entry.row.task_id, entry)
             else:
                 entry.held_since = entry.held_since or now
-                self.bytes += put(self.held.setdefault(session_id, {}), entry.row.task_id, entry)
+                self.bytes += self._put(self.held.setdefault(session_id, {}), entry.row.task_id, entry)
         for waiter in self.waiters:
             waiter.sessions_written += sessions
             waiter.tasks_written += tasks
@@ -1479,6 +1594,7 @@ class Buffer:
             if not group:
                 del self.held[session_id]
         self.bytes -= sum(e.size for e in expired)
+        self._unpin(*expired)
         return expired
 
     def oldest_unwritten(self, now: float) -> float | None:
@@ -1509,12 +1625,17 @@ class Buffer:
         snapshot held are dropped too."""
         session = self.sessions.pop(session_id, None)
         had_session = session is not None
-        self.bytes -= session.size if session else 0
+        if session is not None:
+            self.bytes -= session.size
+            self._unpin(session)
         dropped = [k for k, e in self.tasks.items() if e.row.session_id == session_id]
         for task_id in dropped:
-            self.bytes -= self.tasks.pop(task_id).size
+            entry = self.tasks.pop(task_id)
+            self.bytes -= entry.size
+            self._unpin(entry)
         held = self.held.pop(session_id, {})
         self.bytes -= sum(e.size for e in held.values())
+        self._unpin(*held.values())
         dropped.extend(held)
         if self.in_flight is None:
             return [(reply, (had_session, dropped))]
@@ -1538,14 +1659,16 @@ class Buffer:
         rows += [("translation_tasks", e) for g in self.held.values() for e in g.values()]
         self.sessions, self.tasks, self.held, self.in_flight = {}, {}, {}, None
         self.bytes = 0
+        self.pins.clear()
         return sorted(rows, key=lambda row: row[1].seq)
 
     def next_wakeup(self) -> float:
+        admitting = self.admitting[0].deadline if self.admitting else math.inf
         if self.in_flight is not None:
-            return self.retry_at if not self.flusher_busy else math.inf
+            return min(admitting, self.retry_at if not self.flusher_busy else math.inf)
         if not (self.sessions or self.tasks):
-            return math.inf
-        return self.first_pending_at + self.cfg.flush_interval
+            return admitting
+        return min(admitting, self.first_pending_at + self.cfg.flush_interval)
 
 
 # ── the journal: accepted batches on disk until the database has them ───────────────
@@ -1823,11 +1946,23 @@ def cleanup_cutoffs(now: datetime, completed_days: int, failed_days: int) -> tup
 # ── messages between actors ──────────────────────────────────────────────────────────
 
 
-class Write(NamedTuple):  # http → buffer; answered True (taken, and journaled) or False (full)
+class Admit(NamedTuple):  # http → buffer: room for a batch before its body is read; answered
+    key: str                                      # with its Claim, or the Retry-After seconds
+    nbytes: int  # Content-Length
+    reply: trio.MemorySendChannel
+
+
+class LetGo(NamedTuple):  # http → buffer: the claim's batch will not come (a no-op once it came)
+    claim: Claim
+
+
+class Write(NamedTuple):  # http → buffer: a batch for its claim's room; answered True once journaled, or
+    # with the Retry-After seconds if its rows were more than the claim's estimate and do not fit
     key: str
     rows: list
     body: bytes  # as received: the journal's record of the batch
     at: datetime
+    claim: Claim
     reply: trio.MemorySendChannel
 
 
@@ -2694,23 +2829,31 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
         log.exception("unhandled error in %s %s", request.method, request.path)
         return await api_error(ApiError(500, "INTERNAL_ERROR", "Internal server error"))
 
-    def buffer_full(key: str) -> ApiError:
-        return refused_full("The buffer is full; retry later", key, (
+    def buffer_full(key: str, retry_after_s: int) -> ApiError:
+        return refused_full(f"The buffer is full (waited {cfg.buffer.admission_wait:g} s for room); retry later", key, (
             f"at most {cfg.buffer.max_rows} rows and {cfg.buffer.max_bytes} bytes may wait for the database"
-            f", and {cfg.journal.max_bytes} bytes in the journal"), math.ceil(cfg.buffer.flush_interval))
+            f", and {cfg.journal.max_bytes} bytes in the journal"), retry_after_s)
 
     async def accept(key: str) -> Response:
-        body = await request.get_data(cache=False)
-        # Refuse before decoding when the batch cannot fit: decoding a 1000-row body costs
-        # milliseconds of the event loop that the flusher needs to make room. Counting the
-        # id key can only overestimate the rows; the exact check follows the decoding.
-        rows_at_most = min(body.count(b'"%s_id"' % key[:-1].encode()), MAX_BATCH_ROWS)
-        if not await ask(Room, rows_at_most, len(body)):
-            raise buffer_full(key)
-        rows = decode_batch(key, body)
-        at = utc_now()
-        if not await ask(Write, key, rows, body, at):
-            raise buffer_full(key)
+        """Room first, from Content-Length alone: a batch that cannot fit waits for it
+        (admission_wait), in turn, before its body is read; one that still cannot is refused
+        unread and undecoded. The room is held for the batch until it arrives."""
+        length = request.content_length
+        room = await ask(Admit, key, cfg.server.max_body_bytes if length is None else length)
+        if not isinstance(room, Claim):
+            raise buffer_full(key, room)
+        try:
+            body = await request.get_data(cache=False)
+            rows = decode_batch(key, body)
+            at = utc_now()
+            taken = await ask(Write, key, rows, body, at, room)
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await to_buffer.send(LetGo(room))
+            raise
+        if taken is not True:  # more rows than its size suggested, and they do not fit
+            metrics.refused_bytes_read.inc(len(body))
+            raise buffer_full(key, taken)
         return json_response(202, Accepted("accepted", len(rows), at))
 
     @app.post("/api/v1/translation/sessions/batch")
@@ -3107,10 +3250,17 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                     message = await inbox.receive()
                     now = trio.current_time()
                     match message:
-                        case Write(key, rows, body, at, reply):
+                        case Admit(key, nbytes, reply):
+                            claim = buf.claim(key, nbytes, now + cfg.buffer.admission_wait, reply)
+                            if claim is not None:
+                                answer(reply, claim)
+                        case LetGo(claim):
+                            buf.let_go(claim)
+                        case Write(key, rows, body, at, claim, reply):
+                            buf.let_go(claim)
                             if not buf.has_room(len(rows), len(body)):
                                 refusal(now)
-                                answer(reply, False)
+                                answer(reply, buf.retry_after(now))
                             elif journal is None:
                                 buf.write(key, rows, at, now, len(body))
                                 answer(reply, True)
@@ -3177,6 +3327,10 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                             event(logging.INFO, "draining", "writing out {rows} buffered rows before stopping"
                                   " (at most {timeout:g} s)", rows=sum(buf.counts()), timeout=cfg.buffer.shutdown_timeout)
                 now = trio.current_time()
+                for reply, value in buf.admissions(now):
+                    if not isinstance(value, Claim):
+                        refusal(now)
+                    answer(reply, value)
                 if refused and now >= last_refusal + BACKPRESSURE_QUIET_S:
                     refusals_over()
                 if now >= next_sweep:

@@ -19,7 +19,8 @@ import msgspec
 import pytest
 import trio
 
-from persistd.daemon import Config, DatabaseConfig, DeadLetters, Metrics, SessionIn, TaskIn, Write, buffer_actor, run
+from persistd.daemon import (Admit, Claim, Config, DatabaseConfig, DeadLetters, Metrics, SessionIn, TaskIn, Write,
+                             buffer_actor, run)
 
 MYSQL_URL = os.environ.get("PERSISTD_TEST_DATABASE_URL", "")
 BACKENDS = ["sqlite", "mysql"] if MYSQL_URL else ["sqlite"]
@@ -275,9 +276,15 @@ class BufferAlone:
         await self.to_buffer.send(message_type(*args, reply))
         return await replies.receive()
 
+    async def accept(self, key: str, rows: list, at, body: bytes = b"") -> None:
+        """As the http actor takes a batch: room claimed first, then the rows in it."""
+        claim = await self.ask(Admit, key, len(body))
+        assert isinstance(claim, Claim), f"refused, Retry-After {claim} s"
+        assert await self.ask(Write, key, rows, body, at, claim) is True
+
     async def write(self, key: str, rows: list[dict], at) -> None:
         row_type = SessionIn if key == "sessions" else TaskIn
-        assert await self.ask(Write, key, [msgspec.convert(r, row_type) for r in rows], b"", at)
+        await self.accept(key, [msgspec.convert(r, row_type) for r in rows], at)
 
 
 @pytest.fixture
@@ -291,6 +298,73 @@ async def slow_daemon(db, tmp_path):
     """A daemon whose buffer is written only when asked (or after 30 s, or 100,000 rows)."""
     async with running(make_config(tmp_path, buffer={"flush_interval": 30, "flush_rows": 100_000})) as d:
         yield d
+
+
+# ── raw sockets ──────────────────────────────────────────────────────────────────────
+
+OPEN: list = []  # every client connection of the running test, closed after it
+
+
+@pytest.fixture
+async def close_raw_clients():
+    """Closes every Raw connection the test opened."""
+    yield
+    for stream in OPEN:
+        await stream.aclose()
+    OPEN.clear()
+
+
+def raw_request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    """An HTTP/1.1 request as bytes; `headers` add to (or replace) the usual ones."""
+    fields = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
+              **{k.replace("_", "-"): v for k, v in headers.items()}}
+    return (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+            + "\r\n").encode() + body
+
+
+class Raw:
+    """One client connection that sends exactly the bytes it is given."""
+
+    def __init__(self, stream):
+        self.stream, self.buf = stream, b""
+        OPEN.append(stream)
+
+    @classmethod
+    async def open(cls, process) -> "Raw":
+        return cls(await trio.open_tcp_stream("127.0.0.1", process.port))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def response(self) -> tuple[int, dict, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError(self.buf)
+            self.buf += data
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin1").split("\r\n")
+        headers = dict((k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:]))
+        size = int(headers.get("content-length", 0))
+        while len(self.buf) < size:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError(self.buf)
+            self.buf += data
+        body, self.buf = self.buf[:size], self.buf[size:]
+        return int(lines[0].split()[1]), headers, body
+
+    async def closed_within(self, seconds: float) -> float | None:
+        """Seconds until the server closes the connection, or None if it is still open."""
+        started = trio.current_time()
+        with trio.move_on_after(seconds):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            return trio.current_time() - started
+        return None
 
 
 # ── rows ─────────────────────────────────────────────────────────────────────────────

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from persistd.daemon import READ_TIMEOUT_S, WRITE_TIMEOUT_S
+from conftest import Raw, raw_request as request
 from processes import persistd_process
 
 KEEP_ALIVE_S = 5.0  # hypercorn's keep_alive_timeout (default)
@@ -21,69 +22,7 @@ MAX_BODY = 16 * 1024 * 1024
 TASK = {"task_id": "t", "session_id": "s", "batch_id": "b", "sheet_name": "S", "row_index": 1,
         "column_name": "C", "source_text": "x", "status": "pending"}
 SESSION = {"session_id": "s", "filename": "f", "file_path": "/f", "status": "pending", "llm_provider": "x"}
-
-
-OPEN: list = []  # every client connection of the running test, closed after it
-
-
-@pytest.fixture(autouse=True)
-async def close_clients():
-    yield
-    for stream in OPEN:
-        await stream.aclose()
-    OPEN.clear()
-
-
-class Raw:
-    """One client connection that sends exactly the bytes it is given."""
-
-    def __init__(self, stream):
-        self.stream, self.buf = stream, b""
-        OPEN.append(stream)
-
-    @classmethod
-    async def open(cls, process) -> "Raw":
-        return cls(await trio.open_tcp_stream("127.0.0.1", process.port))
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def response(self) -> tuple[int, dict, bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError(self.buf)
-            self.buf += data
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin1").split("\r\n")
-        headers = dict((k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:]))
-        size = int(headers.get("content-length", 0))
-        while len(self.buf) < size:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError(self.buf)
-            self.buf += data
-        body, self.buf = self.buf[:size], self.buf[size:]
-        return int(lines[0].split()[1]), headers, body
-
-    async def closed_within(self, seconds: float) -> float | None:
-        """Seconds until the server closes the connection, or None if it is still open."""
-        started = trio.current_time()
-        with trio.move_on_after(seconds):
-            try:
-                while await self.stream.receive_some(65536):
-                    pass
-            except trio.BrokenResourceError:
-                pass
-            return trio.current_time() - started
-        return None
-
-
-def request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
-    fields = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
-              **{k.replace("_", "-"): v for k, v in headers.items()}}
-    return (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-            + "\r\n").encode() + body
+pytestmark = pytest.mark.usefixtures("close_raw_clients")
 
 
 GET_404 = request("GET", "/no-such-path")

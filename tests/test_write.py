@@ -15,10 +15,10 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SESSION_ID, BufferAlone, make_config, mysql_only, running, session, task
+from conftest import SESSION_ID, BufferAlone, Raw, make_config, mysql_only, raw_request, running, session, task
 from persistd.daemon import (
-    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, Buffer, BufferConfig, Entry, Drain, Failed, Fatal, Flush, FlushWaiter,
-    SessionIn, TaskIn, Write, Written,
+    RETRY_BASE_S, SNAPSHOT_MAX_ROWS, Admit, Buffer, BufferConfig, Claim, Entry, Drain, Failed, Fatal, Flush,
+    FlushWaiter, LetGo, SessionIn, TaskIn, Written,
 )
 from persistd.mysql import upsert
 from persistd.storage import TASKS
@@ -506,7 +506,7 @@ async def harness(tmp_path, nursery):
 
 async def test_rows_are_flushed_once_flush_interval_elapses(harness, autojump_clock):
     start = trio.current_time()
-    assert await harness.ask(Write, "tasks", task_rows(10), b"", AT)
+    await harness.accept("tasks", task_rows(10), AT)
     snapshot, _ = await harness.jobs.receive()
     assert trio.current_time() - start == pytest.approx(2.0)
     assert len(snapshot.tasks) == 10
@@ -514,11 +514,11 @@ async def test_rows_are_flushed_once_flush_interval_elapses(harness, autojump_cl
 
 async def test_rows_are_flushed_as_soon_as_flush_rows_wait(harness, autojump_clock):
     start = trio.current_time()
-    await harness.ask(Write, "tasks", task_rows(999), b"", AT)
+    await harness.accept("tasks", task_rows(999), AT)
     with trio.move_on_after(1):
         await harness.jobs.receive()
         pytest.fail("flushed before flush_rows or flush_interval")
-    await harness.ask(Write, "tasks", [msgspec.convert(task("t-last"), TaskIn)], b"", AT)
+    await harness.accept("tasks", [msgspec.convert(task("t-last"), TaskIn)], AT)
     snapshot, _ = await harness.jobs.receive()
     assert trio.current_time() - start == pytest.approx(1.0)
     assert len(snapshot.tasks) == 1000
@@ -526,14 +526,14 @@ async def test_rows_are_flushed_as_soon_as_flush_rows_wait(harness, autojump_clo
 
 async def test_buffer_coalesces_by_primary_key(harness, autojump_clock):
     for status in ("pending", "processing", "completed"):
-        await harness.ask(Write, "tasks", task_rows(300, status=status), b"", AT)
+        await harness.accept("tasks", task_rows(300, status=status), AT)
     snapshot, _ = await harness.jobs.receive()
     assert len(snapshot.tasks) == 300
     assert {e.row.status for e in snapshot.tasks.values()} == {"completed"}
 
 
 async def test_failed_flush_keeps_every_row_and_retries_with_growing_backoff(harness, autojump_clock):
-    await harness.ask(Write, "tasks", task_rows(5), b"", AT)
+    await harness.accept("tasks", task_rows(5), AT)
     first, _ = await harness.jobs.receive()
     delays = []
     for _ in range(4):
@@ -550,9 +550,9 @@ async def test_failed_flush_keeps_every_row_and_retries_with_growing_backoff(har
 async def test_newer_writes_win_over_a_snapshot_that_failed_and_was_retried(harness, autojump_clock):
     """Last write wins across failed and retried flushes: the failed snapshot is
     retried before anything newer, and the newer state follows it."""
-    await harness.ask(Write, "tasks", task_rows(1, status="processing"), b"", AT)
+    await harness.accept("tasks", task_rows(1, status="processing"), AT)
     old, _ = await harness.jobs.receive()
-    await harness.ask(Write, "tasks", task_rows(1, status="completed", target_text="done"), b"", AT)
+    await harness.accept("tasks", task_rows(1, status="completed", target_text="done"), AT)
     await harness.to_buffer.send(Failed("lost connection", True))
     retried, _ = await harness.jobs.receive()
     assert retried is old
@@ -562,7 +562,7 @@ async def test_newer_writes_win_over_a_snapshot_that_failed_and_was_retried(harn
 
 
 async def test_flush_request_is_answered_once_its_rows_are_written(harness, autojump_clock):
-    await harness.ask(Write, "tasks", task_rows(3), b"", AT)
+    await harness.accept("tasks", task_rows(3), AT)
     reply, replies = trio.open_memory_channel(1)
     await harness.to_buffer.send(Flush(FlushWaiter(reply)))
     snapshot, _ = await harness.jobs.receive()  # asked for: no waiting for flush_interval
@@ -573,7 +573,7 @@ async def test_flush_request_is_answered_once_its_rows_are_written(harness, auto
 
 
 async def test_drain_writes_the_last_rows_then_closes_the_flusher(harness, autojump_clock):
-    await harness.ask(Write, "tasks", task_rows(3), b"", AT)
+    await harness.accept("tasks", task_rows(3), AT)
     await harness.to_buffer.send(Drain())
     snapshot, _ = await harness.jobs.receive()
     assert len(snapshot.tasks) == 3
@@ -584,7 +584,7 @@ async def test_drain_writes_the_last_rows_then_closes_the_flusher(harness, autoj
 
 async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_path, nursery, autojump_clock):
     h = BufferAlone(tmp_path, shutdown_timeout=5).start(nursery)
-    await h.ask(Write, "tasks", task_rows(3), b"", AT)
+    await h.accept("tasks", task_rows(3), AT)
     await h.to_buffer.send(Drain())
     while True:
         try:
@@ -601,7 +601,7 @@ async def test_drain_gives_up_at_shutdown_timeout_into_the_dead_letter_file(tmp_
 
 async def test_drain_shortens_an_attempt_already_running_to_shutdown_timeout(tmp_path, nursery, autojump_clock):
     h = BufferAlone(tmp_path, shutdown_timeout=5).start(nursery)
-    await h.ask(Write, "tasks", task_rows(3), b"", AT)
+    await h.accept("tasks", task_rows(3), AT)
     _, attempt = await h.jobs.receive()
     assert attempt.deadline > trio.current_time() + 20  # write_timeout
     await h.to_buffer.send(Drain())
@@ -625,8 +625,8 @@ async def test_a_flush_refused_for_good_stops_the_buffer_and_dead_letters_its_ro
     with pytest.raises(ExceptionGroup) as raised:
         async with trio.open_nursery() as nursery:
             h.start(nursery)
-            await h.ask(Write, "tasks", task_rows(3), b"", AT)
-            await h.ask(Write, "tasks", task_rows(2, status="completed"), b"", AT)
+            await h.accept("tasks", task_rows(3), AT)
+            await h.accept("tasks", task_rows(2, status="completed"), AT)
             await h.jobs.receive()
             await h.to_buffer.send(Failed("OperationalError: (1142, 'INSERT command denied')", False))
             await trio.sleep_forever()
@@ -640,7 +640,7 @@ async def test_a_flush_refused_for_good_stops_the_buffer_and_dead_letters_its_ro
 
 async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):
     h = BufferAlone(tmp_path, orphan_ttl=100).start(nursery)
-    await h.ask(Write, "tasks", task_rows(2), b"", AT)
+    await h.accept("tasks", task_rows(2), AT)
     await h.jobs.receive()
     await h.to_buffer.send(Written(0, 0, [Entry(row, AT, AT, 1) for row in task_rows(2)], []))
     await trio.sleep(99)
@@ -750,6 +750,94 @@ def test_a_flush_takes_at_most_snapshot_max_rows_tasks_and_flush_waits_for_all()
     assert sizes == [SNAPSHOT_MAX_ROWS, SNAPSHOT_MAX_ROWS, 500]
     assert answered == [[], [], [waiter]]  # /flush is answered when the last part is written
     assert waiter.tasks_written == len(rows)
+
+
+# ── admission: room before the body is read ──────────────────────────────────────────
+
+
+async def test_a_batch_that_does_not_fit_waits_for_the_flush_that_makes_room(tmp_path, nursery, autojump_clock):
+    h = BufferAlone(tmp_path, max_rows=2000, admission_wait=1.0).start(nursery)
+    await h.accept("tasks", task_rows(2000), AT, body=b"x" * 300_000)  # 150 bytes a row: full, flushed now
+    await h.jobs.receive()
+    reply, replies = trio.open_memory_channel(1)
+    asked_at = trio.current_time()
+    await h.to_buffer.send(Admit("tasks", 75_000, reply))  # about 500 rows: no room until the flush is written
+    await trio.sleep(0.6)
+    with pytest.raises(trio.WouldBlock):
+        replies.receive_nowait()
+    await h.to_buffer.send(Written(0, 2000, [], []))
+    claim = await replies.receive()
+    assert isinstance(claim, Claim) and claim.rows == 500
+    assert trio.current_time() - asked_at == pytest.approx(0.6)
+
+
+async def test_a_batch_still_without_room_after_admission_wait_gets_retry_after_from_the_drain_rate(
+        tmp_path, nursery, autojump_clock):
+    """1000 rows written in the last 5 s: 200 rows/s. 4000 rows in memory, the low watermark
+    at 3200: 800 rows to go, 4 s."""
+    h = BufferAlone(tmp_path, max_rows=4000, admission_wait=1.0).start(nursery)
+    await h.accept("tasks", task_rows(1000), AT, body=b"x" * 100_000)
+    await h.jobs.receive()
+    await h.to_buffer.send(Written(0, 1000, [], []))
+    for n in range(4):
+        await h.accept("tasks", [msgspec.convert(task(f"u{n}-{i}"), TaskIn) for i in range(1000)], AT,
+                       body=b"x" * 100_000)
+    await h.jobs.receive()  # the flusher takes a job and never answers
+    asked_at = trio.current_time()
+    assert await h.ask(Admit, "tasks", 100_000) == 4
+    assert trio.current_time() - asked_at == pytest.approx(1.0)
+
+
+async def test_batches_wait_their_turn_and_a_batch_that_gives_up_frees_its_place(tmp_path, nursery, autojump_clock):
+    h = BufferAlone(tmp_path, max_rows=2000, admission_wait=5.0).start(nursery)
+    await h.accept("tasks", task_rows(2000), AT, body=b"x" * 300_000)
+    await h.jobs.receive()
+    first, second = (trio.open_memory_channel(1) for _ in range(2))
+    await h.to_buffer.send(Admit("tasks", 150_000, first[0]))  # 1000 rows
+    await h.to_buffer.send(Admit("tasks", 10_000, second[0]))  # 66 rows: waits its turn all the same
+    await trio.sleep(1)
+    with pytest.raises(trio.WouldBlock):
+        second[1].receive_nowait()
+    await h.to_buffer.send(Written(0, 2000, [], []))
+    one = await first[1].receive()
+    assert isinstance(one, Claim) and one.rows == 1000
+    other = await second[1].receive()
+    assert isinstance(other, Claim)
+    await h.to_buffer.send(LetGo(one))  # its request failed before its rows came: the room is free again
+    assert isinstance(await h.ask(Admit, "tasks", 150_000), Claim)
+
+
+@pytest.mark.usefixtures("close_raw_clients")
+async def test_a_batch_without_room_is_refused_before_its_body_is_read(db, tmp_path):
+    """The buffer is full and nothing is written (the flush interval is long, the rows wait
+    for a session): a batch gets 503 after admission_wait, on its Content-Length alone, while
+    the client has sent only its headers."""
+    cfg = make_config(tmp_path, buffer={"max_rows": 1000, "flush_interval": 30, "admission_wait": 0.5})
+    async with running(cfg) as d:
+        assert (await d.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(1000)]})).status_code == 202
+        raw = await Raw.open(d)
+        started = trio.current_time()
+        await raw.send(raw_request("POST", TASKS_URL)[:-2].replace(b"Content-Length: 0", b"Content-Length: 500000")
+                       + b"\r\n")
+        status, headers, body = await raw.response()
+        assert status == 503 and json.loads(body)["error_code"] == "BUFFER_FULL"
+        assert headers["retry-after"] == "30" and headers["connection"] == "close"
+        assert 0.5 <= trio.current_time() - started < 2
+        metrics = (await d.get("/api/v1/system/metrics")).text
+        assert "persistence_refused_body_bytes_read_total 0.0" in metrics
+
+
+async def test_a_waiting_batch_is_taken_once_the_flush_it_caused_makes_room(db, tmp_path):
+    cfg = make_config(tmp_path, buffer={"max_rows": 1000, "flush_interval": 30, "flush_rows": 100_000,
+                                        "admission_wait": 5})
+    async with running(cfg) as d:
+        await d.post(SESSIONS_URL, {"sessions": [session()]})
+        assert (await d.post(TASKS_URL, {"tasks": [task(f"t{i}") for i in range(999)]})).status_code == 202
+        started = trio.current_time()
+        assert (await d.post(TASKS_URL, {"tasks": [task(f"u{i}") for i in range(10)]})).status_code == 202
+        assert trio.current_time() - started < 5
+        metrics = (await d.get("/api/v1/system/metrics")).text
+        assert "persistence_batches_refused_total 0.0" in metrics
 
 
 async def test_batches_are_refused_with_503_and_retry_after_when_the_buffer_is_full(db, tmp_path):
