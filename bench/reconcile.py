@@ -18,14 +18,14 @@ import time
 import msgspec
 import trio
 
-from persistd.daemon import RECONCILE_SESSIONS, DatabaseConfig, open_store
+from persistd.daemon import RECONCILE_SESSIONS, RECONCILE_TASKS, DatabaseConfig, open_store
 from persistd.storage import TASKS
 
 
 async def one_pass(store) -> tuple[int, int]:
     after, slices, repaired = None, 0, 0
     while True:
-        after, wrong = await store.reconcile(after, RECONCILE_SESSIONS)
+        after, wrong = await store.reconcile(after, RECONCILE_SESSIONS, RECONCILE_TASKS)
         repaired += wrong
         if after is None:
             return slices, repaired

@@ -23,10 +23,25 @@ with SIGTERM, must exit 0):
                       first request until, after POST /flush, a count query in the database
                       confirmed every row with its final status
   peak RSS            VmHWM of the daemon process at the end
-  503 retries         batches answered 503 (buffer full) and resent after min(Retry-After, 50 ms)
+  503s                batches answered 503 (buffer full) and sent again, and their body bytes
+                      as a share of the accepted bytes (target < 5 %)
+  µs a row written    CPU of the daemon and of MariaDB over the timed interval, divided by
+                      the rows the daemon wrote (it coalesces the two writes of a task when
+                      both wait in one flush; the rows written are in the table too)
 
-Also printed per level: the latency of single requests, the rows the daemon actually wrote
-(it coalesces the two writes of a task when both wait in one flush), and the CPU seconds of
+Each level runs with each client of --clients: `resend` sends a batch answered 503 again
+after min(Retry-After, 50 ms), the kindest client; `honour` sleeps for Retry-After as told
+(whole seconds), as the spec's 503 row asks. The table ends with the ratio of the second to
+the first at each concurrency (target >= 0.9). A batch refused before its body was read is
+answered with Connection: close; the client then opens a new connection.
+
+--against REV also runs persistd as it was at git revision REV (its persistd/ and sql/ from
+`git archive`), level by level beside the code measured, and prints the ratio of their
+daemon CPU a row written (target <= 0.5 against the commit before issue 12's work).
+--stages samples the daemon with py-spy (pip install '.[bench]') and splits its CPU a row
+by stage: HTTP, decode, checks, merge (the buffer), journal, SQL text, driver, trio/other.
+
+Also printed per level: the latency of single requests, and the CPU seconds of
 the daemon, MariaDB (mysql only: SQLite runs inside the daemon, whose figure includes it),
 this script and all other processes over the timed interval - on a shared 2-core machine a
 large "other processes" figure means the run was disturbed (with sqlite, MariaDB serving
@@ -35,8 +50,8 @@ sql/*.sql: paths, one sha256 over them, commit); a warning follows the table if 
 during the run.
 
 After the timed interval every session and task is read back and compared with what was sent;
-anything missing or wrong ends the script with a non-zero exit, as does any request refused,
-a dead-letter file, or a daemon that does not exit 0. Warnings and errors in the daemon's
+anything missing or wrong ends the script with a non-zero exit, as does any request that
+fails (a 503 is sent again), a dead-letter file, or a daemon that does not exit 0. Warnings and errors in the daemon's
 log are printed (they do not fail the run).
 
 Ceiling, measured once, into a fresh database of the same backend: the same upserts in the
@@ -66,7 +81,8 @@ persistd_bench_ceiling (sqlite: their temporary directories) are dropped when do
 
 Usage:
   .venv/bin/python bench/write_path.py [--backend mysql|sqlite] [--levels 1,4,16] [--sessions 20]
-      [--tasks-per-session 5000] [--port 18001] [--journal fsync|write|off] [--keep]
+      [--tasks-per-session 5000] [--port 18001] [--journal fsync|write|off] [--clients resend,honour]
+      [--against REV] [--stages] [--keep]
 """
 
 from __future__ import annotations
@@ -121,9 +137,11 @@ RECEIVE_BYTES = 65536
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SEED = 20250601
 
-TARGET_P99_MS = {1: 10.0, 16: 40.0}
 TARGET_E2E_RATIO = 0.9
 TARGET_RSS_MB = 200.0
+TARGET_REFUSED_SHARE = 0.05  # body bytes of refused batches, of accepted ones
+TARGET_HONOUR_RATIO = 0.9  # a client that sleeps for Retry-After, against one that resends at once
+TARGET_CPU_RATIO = 0.5  # daemon CPU a row written, against the --against revision
 
 
 class BenchError(Exception):
@@ -576,24 +594,38 @@ class Response(NamedTuple):
 
 
 class HttpConnection:
-    """One keep-alive HTTP/1.1 connection: h11 frames the messages, trio moves the bytes."""
+    """One keep-alive HTTP/1.1 connection: h11 frames the messages, trio moves the bytes. A
+    batch refused before its body was read is answered with `Connection: close` (the daemon
+    stops reading it): the next request opens a new connection, as any pooling client does."""
 
     def __init__(self, stream: trio.SocketStream, port: int) -> None:
-        self.stream, self.host = stream, f"127.0.0.1:{port}"
+        self.stream, self.port = stream, port
         self.h11 = h11.Connection(h11.CLIENT)
+        self.reconnects = 0
 
     @classmethod
     async def open(cls, port: int) -> HttpConnection:
         return cls(await trio.open_tcp_stream("127.0.0.1", port), port)
 
     async def request(self, method: str, target: str, body: bytes = b"") -> Response:
-        headers = [("Host", self.host), ("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        await self.stream.send_all(self.h11.send(h11.Request(method=method, target=target, headers=headers)))
-        for chunk in self.h11.send_with_data_passthrough(h11.Data(data=body)):
-            await self.stream.send_all(chunk)
-        self.h11.send(h11.EndOfMessage())
+        if self.h11.our_state is not h11.IDLE:  # the last answer closed the connection
+            await self.stream.aclose()
+            self.stream, self.h11 = await trio.open_tcp_stream("127.0.0.1", self.port), h11.Connection(h11.CLIENT)
+            self.reconnects += 1
+        headers = [("Host", f"127.0.0.1:{self.port}"), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body)))]
+        try:
+            await self.stream.send_all(self.h11.send(h11.Request(method=method, target=target, headers=headers)))
+            for chunk in self.h11.send_with_data_passthrough(h11.Data(data=body)):
+                await self.stream.send_all(chunk)
+            self.h11.send(h11.EndOfMessage())
+        except trio.BrokenResourceError:  # answered and closed before all was sent: read the answer
+            pass
         response = await self.receive()
-        self.h11.start_next_cycle()  # fails loudly if the server did not keep the connection
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        elif b"close" not in response.headers.get(b"connection", b""):
+            raise BenchError(f"{method} {target}: the connection cannot be reused, and the answer did not say close")
         return response
 
     async def receive(self) -> Response:
@@ -628,7 +660,10 @@ async def get(port: int, target: str) -> Response:
 
 @dataclass
 class SendStats:
+    honour_retry_after: bool
     rows_acked: int = 0
+    bytes_acked: int = 0
+    bytes_refused: int = 0  # bodies of batches answered 503 (sent, whether or not the daemon read them)
     retries: int = 0
     latencies: list[float] = field(default_factory=list)  # first send to 202, task batches only (s)
     attempts: list[float] = field(default_factory=list)  # each task-batch request, 503s included (s)
@@ -647,12 +682,15 @@ async def send_until_accepted(conn: HttpConnection, req: Request, stats: SendSta
         if b"retry-after" not in response.headers:
             raise BenchError(f"POST {req.path}: 503 without Retry-After: {response.body[:300]!r}")
         stats.retries += 1
-        await trio.sleep(min(float(response.headers[b"retry-after"]), RETRY_WAIT_S))
+        stats.bytes_refused += len(req.body)
+        retry_after = float(response.headers[b"retry-after"])
+        await trio.sleep(retry_after if stats.honour_retry_after else min(retry_after, RETRY_WAIT_S))
     if response.status != 202 or msgspec.json.decode(response.body)["count"] != req.rows:
         raise BenchError(f"POST {req.path}: HTTP {response.status}: {response.body[:500]!r}")
     if req.path == PATHS["tasks"]:
         stats.latencies.append(time.perf_counter() - started)
     stats.rows_acked += req.rows
+    stats.bytes_acked += len(req.body)
 
 
 async def timed_post(conn: HttpConnection, req: Request, stats: SendStats) -> Response:
@@ -680,6 +718,7 @@ async def flush(port: int) -> int:
 @dataclass
 class Level:
     concurrency: int
+    code: str  # which persistd: "this" (the files measured) or the --against revision
     stats: SendStats
     send_s: float
     e2e_s: float
@@ -689,6 +728,27 @@ class Level:
     cpu: CpuUse | None = None  # over the timed interval
     metrics: dict[str, float] = field(default_factory=dict)
     log_problems: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # share of the daemon's CPU samples by stage
+
+    @property
+    def client(self) -> str:
+        return "honours Retry-After" if self.stats.honour_retry_after else "resends at once"
+
+    @property
+    def refused_share(self) -> float:
+        return self.stats.bytes_refused / max(self.stats.bytes_acked, 1)
+
+    @property
+    def rows_written(self) -> float:
+        return sum(self.metrics.get(f'persistence_rows_written_total{{type="{t}"}}', 0) for t in ("session", "task"))
+
+    @property
+    def daemon_us_per_row(self) -> float:
+        return 1e6 * self.cpu.subject / max(self.rows_written, 1)
+
+    @property
+    def server_us_per_row(self) -> float:
+        return 1e6 * self.cpu.server / max(self.rows_written, 1)
 
     @property
     def accepted_rate(self) -> float:
@@ -704,13 +764,14 @@ class Level:
         return 1000 * ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
 
 
-async def drive_level(workload: Workload, port: int, concurrency: int, pid: int, db: Database) -> Level:
+async def drive_level(workload: Workload, port: int, concurrency: int, pid: int, db: Database, code: str,
+                      honour_retry_after: bool) -> Level:
     """The timed phase (send, /flush, count query), then the full check and the daemon's figures."""
     if (health := await get(port, "/health")).status != 200:
         raise BenchError(f"GET /health: {health.status} {health.body[:300]!r}")
     reader, server_pid = await db.connect(), db.server_pid()
     workers = [await HttpConnection.open(port) for _ in range(min(concurrency, len(workload.streams)))]
-    stats, streams = SendStats(), iter(workload.streams)
+    stats, streams = SendStats(honour_retry_after), iter(workload.streams)
     cpu_before = CpuUse.now(cpu_seconds(pid), server_pid)
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -720,7 +781,7 @@ async def drive_level(workload: Workload, port: int, concurrency: int, pid: int,
     flush_503s = await flush(port)
     await confirm_counts(reader, db, workload)
     confirmed = time.perf_counter()
-    level = Level(concurrency, stats, sent - started, confirmed - started, workload.row_writes, flush_503s)
+    level = Level(concurrency, code, stats, sent - started, confirmed - started, workload.row_writes, flush_503s)
     level.cpu = CpuUse.now(cpu_seconds(pid), server_pid) - cpu_before
     reader.close()
     for conn in workers:
@@ -750,14 +811,17 @@ def log_file(backend: str, journal: str, concurrency: int) -> Path:
     return RESULTS_DIR / f"write_path-{backend}-{journal}-c{concurrency}.log"
 
 
-def start_daemon(port: int, concurrency: int, journal: str, tmp: Path, db: Database) -> Daemon:
+def start_daemon(port: int, concurrency: int, journal: str, tmp: Path, db: Database,
+                 source: Path = DAEMON_FILE.parents[1]) -> Daemon:
+    """persistd from `source` (a directory holding the package persistd, persistd.sql in it)."""
     state_dir = tmp / f"state-c{concurrency}"
+    shutil.rmtree(state_dir, ignore_errors=True)
     config = tmp / f"persistd-c{concurrency}.toml"
     config.write_text(f'[server]\nport = {port}\n[database]\nurl = "{db.url}"\n'
                       f'[state]\ndir = "{state_dir}"\n[journal]\nmode = "{journal}"\n')
     log_path = log_file(db.backend, journal, concurrency)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DAEMON_FILE.parents[1]), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-P", "-m", "persistd", "--config", str(config)],
                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -792,15 +856,87 @@ def stop_daemon(daemon: Daemon) -> list[str]:
     return [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
 
 
-def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp: Path, db: Database) -> Level:
+def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp: Path, db: Database,
+              code: str, source: Path, honour_retry_after: bool, profile: bool) -> Level:
     db.create()
-    daemon = start_daemon(port, concurrency, journal, tmp, db)
+    daemon = start_daemon(port, concurrency, journal, tmp, db, source)
+    sampler = Sampler.start(daemon.process.pid, tmp / "samples.txt") if profile else None
     try:
-        level = trio.run(drive_level, workload, port, concurrency, daemon.process.pid, db)
+        level = trio.run(drive_level, workload, port, concurrency, daemon.process.pid, db, code, honour_retry_after)
     finally:
+        if sampler is not None:
+            samples = sampler.stop()
         log_problems = stop_daemon(daemon)
     level.log_problems = log_problems
+    if sampler is not None:
+        level.stages = stage_shares(samples)
     return level
+
+
+# ── the daemon's CPU by stage ────────────────────────────────────────────────────────
+# py-spy samples the daemon's Python stacks (every thread, idle ones left out) 100 times a
+# second from its own process, without stopping the daemon. Each sample counts for the
+# first stage below that one of its frames belongs to; the shares times the daemon's CPU
+# seconds (from /proc) over the rows it wrote give microseconds a row. A sample of C code
+# (msgspec, the sqlite3 library, the kernel in a syscall) counts for the Python frame
+# that called it. Frames are named `qualname (file.py:line)`.
+
+STAGES = (
+    ("checks", ("check_row ", "row_errors ", "json_depth ", "_without_unset ")),
+    ("decode", ("decode_batch ", "whole_numbers_as_integers ", "explain_batch ")),
+    ("SQL text", ("upsert_statements ", "count_new_tasks_sql ", "row_literal ", "upsert_sql ", "db_value ",
+                  "group_by_shape ")),
+    ("journal", ("Journal.", "journal_actor ", "frame (daemon")),
+    ("merge", ("Buffer.", "combine ", "put (daemon", "buffer_actor ")),
+    ("driver", ("trio_mysql", "(sqlite.py", "(mysql.py", "(storage.py")),
+    ("HTTP", ("hypercorn", "h11", "quart", "werkzeug", "create_app", "guard.", "json_response ", "(asgi")),
+)
+OTHER_STAGE = "trio, other"
+STAGE_NAMES = [name for name, _ in STAGES] + [OTHER_STAGE]
+
+
+class Sampler(NamedTuple):
+    process: subprocess.Popen
+    output: Path
+
+    @classmethod
+    def start(cls, pid: int, output: Path) -> Sampler:
+        py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+        if py_spy is None:
+            raise BenchError("--stages needs py-spy: pip install -c deploy/constraints.txt '.[bench]'")
+        process = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking",
+                                    "--format", "raw", "--output", str(output)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # attached
+        return cls(process, output)
+
+    def stop(self) -> dict[str, int]:
+        """{stack: samples}"""
+        self.process.send_signal(signal.SIGINT)
+        _, err = self.process.communicate(timeout=60)
+        if not self.output.exists():
+            raise BenchError(f"py-spy wrote no samples: {err.decode(errors='replace')[-500:]}")
+        stacks = {}
+        for line in self.output.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            stacks[stack] = stacks.get(stack, 0) + int(count)
+        return stacks
+
+
+def stage_of(stack: str) -> str:
+    frames = stack.split(";")
+    for name, marks in STAGES:
+        if any(mark in frame for frame in frames for mark in marks):
+            return name
+    return OTHER_STAGE
+
+
+def stage_shares(samples: dict[str, int]) -> dict[str, float]:
+    total = sum(samples.values()) or 1
+    shares = dict.fromkeys(STAGE_NAMES, 0.0)
+    for stack, count in samples.items():
+        shares[stage_of(stack)] += count / total
+    return shares
 
 
 # ── report ───────────────────────────────────────────────────────────────────────────
@@ -829,27 +965,80 @@ def describe_level(level: Level, ceiling: Ceiling, server: str | None, log_path:
         f"  daemon: peak RSS {level.peak_rss_mb:.0f} MB; "
         f"wrote {sessions_written:,.0f} session and {tasks_written:,.0f} task row-writes in {flushes:.0f} flushes "
         f"(mean {mean_flush_ms:.0f} ms), {m.get('persistence_flush_errors_total', 0):.0f} failed flushes",
+        f"  client {level.client}: {level.stats.retries} answers 503, their bodies {level.stats.bytes_refused:,} bytes"
+        f" = {level.refused_share:.2%} of the {level.stats.bytes_acked:,} accepted; the daemon read"
+        f" {m.get('persistence_refused_body_bytes_read_total', 0):,.0f} bytes of refused bodies",
+        f"  CPU a row written: daemon {level.daemon_us_per_row:.1f} µs"
+        + ("" if server is None else f", {server} {level.server_us_per_row:.1f} µs"),
+        *(["  daemon CPU by stage, µs a row written: " + ", ".join(
+            f"{name} {share * level.daemon_us_per_row:.1f}" for name, share in level.stages.items())]
+          if level.stages else []),
         f"  daemon log {log_path.relative_to(REPO)}: {len(level.log_problems)} warning/error lines",
     ]
     return "\n".join(lines + [f"    {line}" for line in level.log_problems[:10]])
 
 
 def table(levels: list[Level], ceiling: Ceiling) -> str:
+    """Closed loop: the ack latencies are those of a saturated queue (Little's law: about
+    concurrency x 1000 rows / throughput), a throughput figure, not the daemon's own latency."""
     rows = [
-        "| concurrency | accepted rows/s | ack p50 ms | ack p99 ms | ack max ms | end-to-end row-writes/s "
-        "| × ceiling (target ≥ 0.9) | peak RSS MB (target ≤ 200) | 503 retries |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| code | client | concurrency | accepted rows/s | ack p50 ms | ack p99 ms | end-to-end row-writes/s "
+        "| × ceiling (target ≥ 0.9) | rows written | 503s | refused bytes / accepted | daemon µs a row written "
+        "| server µs a row written | peak RSS MB (target ≤ 200) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in levels:
-        p99 = level.latency_ms(0.99)
-        target = TARGET_P99_MS.get(level.concurrency)
-        p99_cell = f"{p99:.1f}" + ("" if target is None else f" (≤ {target:g} {verdict(p99 <= target)})")
         ratio = level.e2e_rate / ceiling.rate
-        rows.append(f"| {level.concurrency} | {level.accepted_rate:,.0f} | {level.latency_ms(0.5):.1f} | {p99_cell} "
-                    f"| {level.latency_ms(1.0):.1f} | {level.e2e_rate:,.0f} | {ratio:.2f} {verdict(ratio >= TARGET_E2E_RATIO)} "
-                    f"| {level.peak_rss_mb:.0f} {verdict(level.peak_rss_mb <= TARGET_RSS_MB)} | {level.stats.retries} |")
-    rows.append(f"| ceiling: {ceiling.how} | – | – | – | – | {ceiling.rate:,.0f} | 1.00 | – | – |")
+        rows.append(f"| {level.code} | {level.client} | {level.concurrency} | {level.accepted_rate:,.0f} "
+                    f"| {level.latency_ms(0.5):.1f} | {level.latency_ms(0.99):.1f} | {level.e2e_rate:,.0f} "
+                    f"| {ratio:.2f} {verdict(ratio >= TARGET_E2E_RATIO)} | {level.rows_written:,.0f} "
+                    f"| {level.stats.retries} | {level.refused_share:.2%} {verdict(level.refused_share < TARGET_REFUSED_SHARE)} "
+                    f"| {level.daemon_us_per_row:.1f} | {level.server_us_per_row:.1f} "
+                    f"| {level.peak_rss_mb:.0f} {verdict(level.peak_rss_mb <= TARGET_RSS_MB)} |")
+    rows.append(f"| ceiling: {ceiling.how} | – | – | – | – | – | {ceiling.rate:,.0f} | 1.00 | – | – | – | – | – | – |")
     return "\n".join(rows)
+
+
+def stage_table(levels: list[Level]) -> str:
+    rows = ["| code | client | concurrency | " + " | ".join(STAGE_NAMES) + " | all |",
+            "|---|---|---:|" + "---:|" * (len(STAGE_NAMES) + 1)]
+    for level in levels:
+        if level.stages:
+            rows.append(f"| {level.code} | {level.client} | {level.concurrency} | " + " | ".join(
+                f"{level.stages[name] * level.daemon_us_per_row:.1f}" for name in STAGE_NAMES)
+                + f" | {level.daemon_us_per_row:.1f} |")
+    return "\n".join(rows)
+
+
+def comparisons(levels: list[Level]) -> list[str]:
+    """The issue's ratios, each between two runs of this one invocation."""
+    found = {(level.code, level.client, level.concurrency): level for level in levels}
+    lines = []
+    for (code, client, concurrency), level in found.items():
+        resend = found.get((code, "resends at once", concurrency))
+        if client != "resends at once" and resend is not None:
+            ratio = level.e2e_rate / resend.e2e_rate
+            lines.append(f"{verdict(ratio >= TARGET_HONOUR_RATIO)} {code}, c{concurrency}: the client that honours "
+                         f"Retry-After reaches {ratio:.2f}x the end-to-end rate of the one that resends at once")
+        if code != "this":
+            mine = found.get(("this", client, concurrency))
+            if mine is not None:
+                ratio = mine.daemon_us_per_row / level.daemon_us_per_row
+                lines.append(f"{verdict(ratio <= TARGET_CPU_RATIO)} {client}, c{concurrency}: daemon CPU a row written "
+                             f"{mine.daemon_us_per_row:.1f} µs, {ratio:.2f}x {code}'s {level.daemon_us_per_row:.1f} µs; "
+                             f"server {mine.server_us_per_row:.1f} vs {level.server_us_per_row:.1f} µs")
+    return lines
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """persistd and its schema files as they were at `rev`, laid out as the wheel installs them."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "persistd", "sql"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    (into / "sql").rename(into / "persistd" / "sql")
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True)
+    print(f"--against {rev}: commit {commit.stdout.strip()}, unpacked in {into}", flush=True)
+    return into
 
 
 def measured_files() -> list[Path]:
@@ -884,6 +1073,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18001)
     parser.add_argument("--journal", choices=["fsync", "write", "off"], default="fsync",
                         help="the daemon's [journal] mode (default fsync, the daemon's default)")
+    parser.add_argument("--clients", default="resend,honour", type=lambda s: s.split(","),
+                        help="resend: a 503 is resent after min(Retry-After, 50 ms); honour: after Retry-After "
+                             "seconds, as told (default both, each level run with each)")
+    parser.add_argument("--against", metavar="REV",
+                        help="also run the daemon of this git revision (e.g. HEAD~1), level by level, and compare")
+    parser.add_argument("--stages", action="store_true",
+                        help="sample the daemon with py-spy and split its CPU a row by stage")
     parser.add_argument("--keep", action="store_true",
                         help=f"keep {BENCH_DB} and {CEILING_DB} (SQLite: their directories) at the end")
     return parser.parse_args(argv)
@@ -905,17 +1101,27 @@ def main(argv: list[str] | None = None) -> None:
         ceiling = measure_ceiling(workload, Path(tmp), kind.scratch(CEILING_DB), args.keep)
         print(f"ceiling: {ceiling.row_writes:,} row-writes ({ceiling.detail}) in {ceiling.seconds:.2f} s "
               f"= {ceiling.rate:,.0f} row-writes/s\n  {ceiling.cpu}", flush=True)
+        sources = {"this": DAEMON_FILE.parents[1]}
+        if args.against:
+            sources[args.against] = checkout(args.against, Path(tmp) / "against")
         levels = []
         for concurrency in args.levels:
-            db = kind.scratch(BENCH_DB)
-            levels.append(run_level(workload, args.port, concurrency, args.journal, Path(tmp), db))
-            print(describe_level(levels[-1], ceiling, db.server, log_file(db.backend, args.journal, concurrency)),
-                  flush=True)
-            if not args.keep:
-                db.drop()
+            for code, source in sources.items():
+                for client in args.clients:
+                    db = kind.scratch(BENCH_DB)
+                    levels.append(run_level(workload, args.port, concurrency, args.journal, Path(tmp), db, code,
+                                            source, client == "honour", args.stages))
+                    print(f"[{code}, client {client}] " + describe_level(
+                        levels[-1], ceiling, db.server, log_file(db.backend, args.journal, concurrency)), flush=True)
+                    if not args.keep:
+                        db.drop()
     print(f"\nAll {len(levels)} levels verified: every session and task is in the database ({args.backend}) "
           "with its final status.\n")
     print(table(levels, ceiling))
+    if args.stages:
+        print("\nThe daemon's CPU a row written, µs, by stage (py-spy samples):\n")
+        print(stage_table(levels))
+    print("\n" + "\n".join(comparisons(levels)))
     print(f"\nCommand: `{command}`; {version}")
     if code_version() != version:
         print("WARNING: persistd's code changed during the run; the levels may have run different code")

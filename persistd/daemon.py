@@ -3,7 +3,7 @@
 One trio nursery in `run()` holds the actors. Each is a top-level async function that owns
 its state as local variables and talks only through the channel ends it was handed:
 
-    clients ──HTTP──► http actor ──Room/Write/Flush/Lookup/──► buffer actor ──Job──► flusher actor ──► Store
+    clients ──HTTP──► http actor ──Admit/Write/Flush/Lookup/─► buffer actor ──Job──► flusher actor ──► Store
                       (quart-trio on   Forget/Status/Drain      (sole owner of    ◄──Written/Failed──┘
                        hypercorn's                              unflushed rows)
                        trio worker)    janitor actor ──Flush──►     │ ▲
@@ -12,8 +12,9 @@ its state as local variables and talks only through the channel ends it was hand
                                                                     ▼ │
                                                                journal actor ──► <state dir>/journal/
 
-- http: validates every batch with msgspec at the door and answers 202 once the buffer
-  has taken it and the journal has it on disk; nothing the database could refuse is accepted.
+- http: asks the buffer for room from a batch's Content-Length before reading its body,
+  validates it with msgspec at the door and answers 202 once the buffer has taken it and
+  the journal has it on disk; nothing the database could refuse is accepted.
   Checks credentials and scopes (Auth, off by default) before a body is read. The app is
   served HTTP/1.1 only, wrapped by guard() (bodies in flight bounded, sends shielded so
   that hypercorn's idle close happens, connections capped), and describes itself at
@@ -125,7 +126,8 @@ SQLITE_DEFAULT_FILE = "persistd.db"  # in the state dir, when no [database] url 
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
 SNAPSHOT_MAX_ROWS = 5000  # tasks per flush: bounds the transaction and the event-loop time of one job
-RECONCILE_SESSIONS = 200  # sessions one reconciliation transaction recounts
+RECONCILE_SESSIONS = 200  # sessions one reconciliation transaction recounts, at most
+RECONCILE_TASKS = 20_000  # and their tasks, at most (unless one session alone has more)
 STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
 LOW_WATERMARK = 0.8  # once over a limit, batches are refused until every use is below this share
@@ -2066,12 +2068,14 @@ def flush_request(reply: trio.MemorySendChannel) -> Flush:
     return Flush(FlushWaiter(reply))
 
 
-def answer(reply: trio.MemorySendChannel, value: Any) -> None:
-    """Reply to a request whose handler may have given up waiting (and closed its end)."""
+def answer(reply: trio.MemorySendChannel, value: Any) -> bool:
+    """Reply to a request whose handler may have given up waiting (and closed its end);
+    whether the reply was delivered."""
     try:
         reply.send_nowait(value)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+        return False
+    return True
 
 
 def buffer_status(buf: Buffer, now: float) -> BufferStatus:
@@ -2830,7 +2834,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
         return await api_error(ApiError(500, "INTERNAL_ERROR", "Internal server error"))
 
     def buffer_full(key: str, retry_after_s: int) -> ApiError:
-        return refused_full(f"The buffer is full (waited {cfg.buffer.admission_wait:g} s for room); retry later", key, (
+        return refused_full("The buffer is full; retry after Retry-After seconds", key, (
             f"at most {cfg.buffer.max_rows} rows and {cfg.buffer.max_bytes} bytes may wait for the database"
             f", and {cfg.journal.max_bytes} bytes in the journal"), retry_after_s)
 
@@ -3252,8 +3256,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                     match message:
                         case Admit(key, nbytes, reply):
                             claim = buf.claim(key, nbytes, now + cfg.buffer.admission_wait, reply)
-                            if claim is not None:
-                                answer(reply, claim)
+                            if claim is not None and not answer(reply, claim):
+                                buf.let_go(claim)  # its request has gone
                         case LetGo(claim):
                             buf.let_go(claim)
                         case Write(key, rows, body, at, claim, reply):
@@ -3330,7 +3334,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                 for reply, value in buf.admissions(now):
                     if not isinstance(value, Claim):
                         refusal(now)
-                    answer(reply, value)
+                    if not answer(reply, value) and isinstance(value, Claim):
+                        buf.let_go(value)  # its request gave up waiting
                 if refused and now >= last_refusal + BACKPRESSURE_QUIET_S:
                     refusals_over()
                 if now >= next_sweep:
@@ -3458,7 +3463,7 @@ async def reconciler(cfg: Config, store: Any, metrics: Metrics, stop: trio.Event
         started, repaired = trio.current_time(), 0
         try:
             while not stop.is_set():
-                after, wrong = await store.reconcile(after, RECONCILE_SESSIONS)
+                after, wrong = await store.reconcile(after, RECONCILE_SESSIONS, RECONCILE_TASKS)
                 repaired += wrong
                 if after is None:
                     break

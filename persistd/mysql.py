@@ -25,11 +25,10 @@ from msgspec import UNSET
 
 from persistd.daemon import (SESSION_SETUP, STATEMENT_MAX_BYTES, STATEMENT_MAX_ROWS, UTC, DatabaseConfig, Entry,
                              Snapshot, Stats, Written, parse_database_url)
-from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS, JSON_COLUMNS,
-                              KEPT_COUNTS, RESTORED_FIELDS,
-                              SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query,
-                              Reads,
-                              Table, decode_json_columns, drifted, group_by_shape, hour_floor, read_schema, split_held,
+from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS,
+                              JSON_COLUMNS, KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER,
+                              TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query, Reads, Table, decode_json_columns,
+                              drifted, group_by_shape, hour_floor, read_schema, reconcile_slice, split_held,
                               stats_from, unknown_sessions, written)
 
 
@@ -465,14 +464,16 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
     return sessions, tasks
 
 
-async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: int) -> tuple[str | None, int]:
+async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
     """One slice of the reconciliation (Store.reconcile): the slice's tasks are read with
     shared locks and its counts locked for update, so a flush of those sessions waits for
     this transaction and none of its changes is counted twice or missed."""
     await conn.query("BEGIN")  # a failure throws the connection away: the server rolls back
-    ids = [r["session_id"] for r in await fetch(
-        conn, "SELECT session_id FROM translation_sessions" + ("" if after is None else " WHERE session_id > %s")
-        + " ORDER BY session_id LIMIT %s", *([] if after is None else [after]), sessions)]
+    ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in await fetch(
+        conn, "SELECT s.session_id, (SELECT COALESCE(SUM(c.tasks), 0) FROM task_counts c"
+              " WHERE c.session_id = s.session_id) AS tasks FROM translation_sessions s"
+        + ("" if after is None else " WHERE s.session_id > %s")
+        + " ORDER BY s.session_id LIMIT %s", *([] if after is None else [after]), sessions)], tasks)
     if not ids:
         await conn.query("COMMIT")
         return None, 0
@@ -650,8 +651,8 @@ class MySQLStore(Reads):
                       stop: trio.Event | None = None) -> tuple[int, int]:
         return await self._act(cleanup, cutoffs, dry_run, stop)
 
-    async def reconcile(self, after: str | None, sessions: int) -> tuple[str | None, int]:
-        return await self._act(reconcile, after, sessions)
+    async def reconcile(self, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
+        return await self._act(reconcile, after, sessions, tasks)
 
     async def stats(self) -> Stats:
         """The two halves at once, on two pooled connections: about 5 ms each over a million tasks."""

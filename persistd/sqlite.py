@@ -23,10 +23,10 @@ import msgspec
 import trio
 
 from persistd.daemon import UTC, DatabaseConfig, Entry, Snapshot, Stats, Written, sqlite_path
-from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, KEPT_COUNTS, drifted, DELETE_CHUNK_ROWS, EMPTY_COUNTS, RESTORED_FIELDS,
-                              SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS, TASKS, UNFINISHED, Query, Reads,
-                              Table, decode_json_columns, group_by_shape, read_schema, split_held, stats_from,
-                              unknown_sessions, written)
+from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS,
+                              KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS,
+                              TASKS, UNFINISHED, Query, Reads, Table, decode_json_columns, drifted, group_by_shape,
+                              read_schema, reconcile_slice, split_held, stats_from, unknown_sessions, written)
 
 # Primary result codes (the low byte of sqlite_errorcode) that say the file is busy, locked,
 # read-only, full or away for now: a flush failing with one is retried. Any other error (no
@@ -244,13 +244,15 @@ def cleanup(conn: sqlite3.Connection, cutoffs: tuple[datetime, datetime], dry_ru
     return sessions, tasks
 
 
-def reconcile(conn: sqlite3.Connection, after: str | None, sessions: int) -> tuple[str | None, int]:
+def reconcile(conn: sqlite3.Connection, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
     """One slice of the reconciliation (Store.reconcile), under the write lock. The
     triggers keep the counts whoever writes; this finds a task_counts edited by hand."""
     with transaction(conn):
-        ids = [r["session_id"] for r in fetch(
-            conn, "SELECT session_id FROM translation_sessions" + ("" if after is None else " WHERE session_id > ?")
-            + " ORDER BY session_id LIMIT ?", [*([] if after is None else [after]), sessions])]
+        ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in fetch(
+            conn, "SELECT s.session_id, (SELECT COALESCE(SUM(c.tasks), 0) FROM task_counts c"
+                  " WHERE c.session_id = s.session_id) AS tasks FROM translation_sessions s"
+            + ("" if after is None else " WHERE s.session_id > ?")
+            + " ORDER BY s.session_id LIMIT ?", [*([] if after is None else [after]), sessions])], tasks)
         if not ids:
             return None, 0
         marks = ",".join("?" * len(ids))
@@ -381,8 +383,8 @@ class SQLiteStore(Reads):
                       stop: trio.Event | None = None) -> tuple[int, int]:
         return await self._read(cleanup, cutoffs, dry_run, lambda: stop is not None and stop.is_set())
 
-    async def reconcile(self, after: str | None, sessions: int) -> tuple[str | None, int]:
-        return await self._act(reconcile, after, sessions)
+    async def reconcile(self, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
+        return await self._act(reconcile, after, sessions, tasks)
 
     async def stats(self) -> Stats:
         return stats_from(self.backend, *await self._read(stats))

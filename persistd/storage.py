@@ -74,9 +74,9 @@ class Store(typing.Protocol):
 
     async def stats(self) -> Stats: ...
 
-    async def reconcile(self, after: str | None, sessions: int) -> tuple[str | None, int]:
-        """Recounts task_counts for the next `sessions` sessions after `after` (key order)
-        in one transaction, and rewrites the rows of those that drifted (tasks written,
+    async def reconcile(self, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
+        """Recounts task_counts for the next `sessions` sessions after `after` (key order),
+        fewer when they keep more than `tasks` tasks (reconcile_slice), in one transaction, and rewrites the rows of those that drifted (tasks written,
         changed or deleted by other means than persistd). Returns the last session looked
         at (None: the pass is done) and how many task_counts rows were wrong."""
 
@@ -151,6 +151,19 @@ def read_schema(name: str) -> str:
 
 JSON_COLUMNS = ("game_info", "metadata")  # JSON objects, stored as their text
 TIME_COLUMNS = ("start_time", "end_time")  # times a row carries (besides created_at and updated_at)
+
+
+def reconcile_slice(sessions: list[tuple[str, int]], tasks: int) -> list[str]:
+    """The sessions one reconciliation transaction recounts: in order, while their kept
+    counts add up to at most `tasks` (always at least one), so that no slice holds its
+    locks long whatever the sessions' sizes."""
+    ids, total = [], 0
+    for session_id, kept in sessions:
+        total += kept
+        if ids and total > tasks:
+            break
+        ids.append(session_id)
+    return ids
 
 
 def decode_json_columns(row: dict) -> dict:

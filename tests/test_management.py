@@ -18,7 +18,7 @@ from persistd.daemon import (
     Forget, Status, Written,
 )
 from persistd.mysql import delete_tasks
-from persistd.storage import DELETE_CHUNK_ROWS
+from persistd.storage import DELETE_CHUNK_ROWS, reconcile_slice
 from proxy import database_outage
 
 SESSIONS = "/api/v1/translation/sessions"
@@ -408,6 +408,13 @@ async def test_totals_stats_and_the_dry_run_are_exact_within_a_reconciliation_pe
                         if line.startswith("persistence_task_counts_repaired_total "))
         assert repaired >= (1 if db.backend == "mysql" else 0)  # SQLite's triggers counted them as they came
         assert (await d.client.post(CLEANUP, json={"dry_run": False})).json()["deleted_tasks"] == 12
+
+
+def test_a_reconciliation_slice_holds_at_most_its_share_of_tasks_unless_one_session_alone_has_more():
+    assert reconcile_slice([("a", 5_000), ("b", 10_000), ("c", 6_000), ("d", 1)], 20_000) == ["a", "b"]
+    assert reconcile_slice([("a", 50_000), ("b", 1)], 20_000) == ["a"]
+    assert reconcile_slice([("a", 0)] * 3, 20_000) == ["a"] * 3
+    assert reconcile_slice([], 20_000) == []
 
 
 async def test_no_count_goes_below_zero_when_persistd_changes_or_deletes_tasks_it_never_counted(db, tmp_path):

@@ -752,6 +752,42 @@ def test_a_flush_takes_at_most_snapshot_max_rows_tasks_and_flush_waits_for_all()
     assert waiter.tasks_written == len(rows)
 
 
+def test_the_journal_floor_is_the_oldest_write_any_unwritten_row_still_needs():
+    """floor() keeps a heap of the seqs that pin rows instead of scanning every row: after any
+    mix of writes, flushes (some tasks coming back held), deletes, expiries and held rows
+    copied forward, it equals the scan."""
+    rng = random.Random(12)
+    buf = Buffer(BufferConfig(max_rows=100_000, orphan_ttl=50))
+    now = 0.0
+
+    def scanned() -> int:
+        groups = [buf.sessions, buf.tasks, *buf.held.values()]
+        if buf.in_flight is not None:
+            groups += [buf.in_flight.sessions, buf.in_flight.tasks]
+        return min((e.first_seq for group in groups for e in group.values()), default=buf.seq + 1)
+
+    for _ in range(400):
+        now += 1
+        op = rng.random()
+        if op < 0.45:
+            sid = f"s{rng.randrange(5)}"
+            rows = [msgspec.convert(task(f"t{rng.randrange(60)}", sid), TaskIn) for _ in range(rng.randrange(1, 8))]
+            buf.write("tasks", rows, AT, now, 100 * len(rows))
+        elif op < 0.55:
+            buf.write("sessions", [msgspec.convert(session(f"s{rng.randrange(5)}"), SessionIn)], AT, now, 100)
+        elif op < 0.8 and buf.take_snapshot(now + 100) is not None:
+            flushed = buf.in_flight
+            held = [e for e in flushed.tasks.values() if rng.random() < 0.3]
+            buf.written(len(flushed.sessions), len(flushed.tasks) - len(held), held, now)
+        elif op < 0.87:
+            buf.forget(f"s{rng.randrange(5)}", None)
+        elif op < 0.93:
+            buf.expire_orphans(now)
+        else:
+            buf.held_pinning_the_journal()
+        assert buf.floor() == scanned()
+
+
 # ── admission: room before the body is read ──────────────────────────────────────────
 
 
@@ -805,6 +841,20 @@ async def test_batches_wait_their_turn_and_a_batch_that_gives_up_frees_its_place
     assert isinstance(other, Claim)
     await h.to_buffer.send(LetGo(one))  # its request failed before its rows came: the room is free again
     assert isinstance(await h.ask(Admit, "tasks", 150_000), Claim)
+
+
+async def test_the_room_of_a_request_that_stopped_waiting_is_not_kept(tmp_path, nursery, autojump_clock):
+    """A client that disconnects while its batch waits: the room it is given later goes back."""
+    h = BufferAlone(tmp_path, max_rows=2000, admission_wait=5.0).start(nursery)
+    await h.accept("tasks", task_rows(2000), AT, body=b"x" * 300_000)
+    await h.jobs.receive()
+    gone, gone_replies = trio.open_memory_channel(1)
+    await h.to_buffer.send(Admit("tasks", 150_000, gone))  # 1000 rows
+    await gone_replies.aclose()
+    await h.to_buffer.send(Written(0, 2000, [], []))
+    asked_at = trio.current_time()
+    claims = [await h.ask(Admit, "tasks", 150_000) for _ in range(2)]  # 2000 rows: all the room
+    assert all(isinstance(claim, Claim) for claim in claims) and trio.current_time() == asked_at
 
 
 @pytest.mark.usefixtures("close_raw_clients")
