@@ -47,7 +47,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h11
 import msgspec
 import trio
 
@@ -64,31 +63,11 @@ C1_REQUESTS, C1_ROWS = 2000, 100
 FRACTIONS = (0.25, 0.5, 0.8)
 BATCH_SIZES = (1000, 100)
 POOL_ROWS = 5000
-IDLE_REOPEN_S = 4.0  # hypercorn closes a keep-alive connection after 5 s idle
 FLUSH_METRICS = ("persistence_flush_total", "persistence_flush_duration_seconds_sum")
 TARGET_C1_P99_MS = 10.0
 TARGET_LOADED_RATIO = 2.0  # p99 at 50 % load <= this x the unloaded median
 # the daemon's log under this script's name (write_path's start_daemon names it with log_file)
 write_path.log_file = lambda backend, journal, concurrency: write_path.RESULTS_DIR / f"open_loop-{backend}.log"
-
-
-class Connection(HttpConnection):
-    """write_path's keep-alive connection, opened again before a request after 4 s idle:
-    the daemon (hypercorn's keep_alive_timeout) closes it after 5 s; the connect counts in
-    that request's latency. (A `Connection: close` answer, e.g. after 1000 requests, is
-    write_path's to handle.)"""
-
-    def __init__(self, stream: trio.SocketStream, port: int) -> None:
-        super().__init__(stream, port)
-        self.used = trio.current_time()
-
-    async def request(self, method: str, target: str, body: bytes = b"") -> write_path.Response:
-        if trio.current_time() - self.used > IDLE_REOPEN_S:
-            await self.stream.aclose()
-            self.stream, self.h11 = await trio.open_tcp_stream("127.0.0.1", self.port), h11.Connection(h11.CLIENT)
-        response = await super().request(method, target, body)
-        self.used = trio.current_time()
-        return response
 
 
 @dataclass
@@ -134,7 +113,7 @@ class Rows:
         """A session row sent and flushed, so that its tasks are never held waiting for it."""
         session = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
         req = write_path.request("sessions", [write_path.session_row(self.rng, 0, session, 0)])
-        conn = await Connection.open(port)
+        conn = await HttpConnection.open(port)
         response = await conn.request("POST", req.path, req.body)
         await conn.aclose()
         if response.status != 202:
@@ -186,7 +165,8 @@ class Run:
         return parse_metrics((await get(self.port, "/api/v1/system/metrics")).body.decode())
 
     async def capacity(self, phase: Phase, requests: list[Request]) -> None:
-        stats, conns = SendStats(honour_retry_after=False), [await Connection.open(self.port) for _ in range(CONNECTIONS)]
+        stats = SendStats(honour_retry_after=False)
+        conns = [await HttpConnection.open(self.port) for _ in range(CONNECTIONS)]
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             streams = iter([[req] for req in requests])
@@ -199,7 +179,7 @@ class Run:
             await conn.aclose()
 
     async def one_at_a_time(self, phase: Phase, requests: list[Request], pause_s: float) -> None:
-        conn = await Connection.open(self.port)
+        conn = await HttpConnection.open(self.port)
         first = trio.current_time()
         for req in requests:
             started = trio.current_time()
@@ -212,7 +192,7 @@ class Run:
     async def open_loop(self, phase: Phase, requests: list[Request], arrivals: list[float], rate: float,
                         seconds: float) -> None:
         phase.target_rate, phase.offered_rate = rate, len(arrivals) * phase.batch_rows / seconds
-        conns = [await Connection.open(self.port) for _ in range(CONNECTIONS)]
+        conns = [await HttpConnection.open(self.port) for _ in range(CONNECTIONS)]
         send, receive = trio.open_memory_channel(math.inf)  # arrivals wait here for a free connection
 
         async def worker(conn: HttpConnection) -> None:

@@ -136,6 +136,7 @@ RETRY_AFTER_MAX_S = 60
 # About the fewest bytes a row takes in a batch body (the required fields, shortest values,
 # no whitespace): the first estimate of a batch's rows from its Content-Length.
 MIN_ROW_BYTES = {"sessions": 80, "tasks": 120}
+ROW_BYTES_BATCHES = 16  # the last batches whose bytes a row estimate the next one's rows
 RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
 ORPHAN_SWEEP_MAX_S = 60.0
 STATUS_EVERY_S = 5.0  # systemd's STATUS= line is refreshed this often (and at half WatchdogSec)
@@ -1305,7 +1306,8 @@ class Buffer:
         self.admitting: collections.deque[Claim] = collections.deque()  # batches waiting for room, in turn
         self.reserved_rows = 0  # held by claims: admitted batches whose rows have not arrived yet
         self.reserved_bytes = 0
-        self.row_bytes = dict(MIN_ROW_BYTES)  # request bytes a row took in the last batch, by key
+        # request bytes a row took in each of the last batches, by key: claims estimate with the least
+        self.row_bytes = {key: collections.deque(maxlen=ROW_BYTES_BATCHES) for key in MIN_ROW_BYTES}
         self.drained: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows written)
         self.pins: collections.Counter[int] = collections.Counter()  # first_seq -> unwritten rows
         self.pin_heap: list[int] = []  # the keys of `pins`, and some gone since (see floor)
@@ -1338,9 +1340,11 @@ class Buffer:
     # admission: a batch is given room before its body is read
     def claim(self, key: str, nbytes: int, deadline: float, reply: trio.MemorySendChannel) -> Claim | None:
         """Room for a batch of `nbytes` bytes: the claim, held at once, or None while it
-        waits its turn (admissions() answers it). Its rows are estimated at the size of
-        the last batch's; the exact count is checked once the body has been decoded."""
-        rows = min(MAX_BATCH_ROWS, max(1, nbytes // self.row_bytes[key]))
+        waits its turn (admissions() answers it). Its rows are estimated at the fewest bytes
+        a row took in the last batches (rows of one client's batches differ: pending rows are
+        half the size of completed ones); the exact count is checked once the body has been
+        decoded."""
+        rows = min(MAX_BATCH_ROWS, max(1, nbytes // min(self.row_bytes[key], default=MIN_ROW_BYTES[key])))
         claim = Claim(rows, nbytes, deadline, reply)
         if not self.admitting and self.has_room(rows, nbytes):
             return self._hold(claim)
@@ -1395,7 +1399,7 @@ class Buffer:
     # writes
     def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int) -> int:
         """Take an accepted batch; returns its seq."""
-        self.row_bytes[key] = max(MIN_ROW_BYTES[key], -(-nbytes // max(len(rows), 1)))  # rounded up
+        self.row_bytes[key].append(max(MIN_ROW_BYTES[key], -(-nbytes // max(len(rows), 1))))  # rounded up
         self.seq += 1
         self.accepted.append((self.seq, now))
         size = nbytes // max(len(rows), 1)
