@@ -39,7 +39,8 @@ answered with Connection: close; the client then opens a new connection.
 `git archive`), level by level beside the code measured, and prints the ratio of their
 daemon CPU a row written (target <= 0.5 against the commit before issue 12's work).
 --stages samples the daemon with py-spy (pip install '.[bench]') and splits its CPU a row
-by stage: HTTP, decode, checks, merge (the buffer), journal, SQL text, driver, trio/other.
+by stage: checks, decode, SQL text, journal, merge (the buffer), driver, HTTP, trio/other,
+each the time it held the GIL, and "no GIL": system calls and C code that released it.
 
 Also printed per level: the latency of single requests, and the CPU seconds of
 the daemon, MariaDB (mysql only: SQLite runs inside the daemon, whose figure includes it),
@@ -731,7 +732,7 @@ class Level:
     cpu: CpuUse | None = None  # over the timed interval
     metrics: dict[str, float] = field(default_factory=dict)
     log_problems: list[str] = field(default_factory=list)
-    stages: dict[str, float] = field(default_factory=dict)  # share of the daemon's CPU samples by stage
+    stages: dict[str, float] = field(default_factory=dict)  # the daemon's CPU seconds by stage
 
     @property
     def client(self) -> str:
@@ -748,6 +749,9 @@ class Level:
     @property
     def daemon_us_per_row(self) -> float:
         return 1e6 * self.cpu.subject / max(self.rows_written, 1)
+
+    def stage_us_per_row(self, stage: str) -> float:
+        return 1e6 * self.stages[stage] / max(self.rows_written, 1)
 
     @property
     def server_us_per_row(self) -> float:
@@ -872,17 +876,18 @@ def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp
         log_problems = stop_daemon(daemon)
     level.log_problems = log_problems
     if sampler is not None:
-        level.stages = stage_shares(samples)
+        level.stages = stage_seconds(samples, level.cpu.subject)
     return level
 
 
 # ── the daemon's CPU by stage ────────────────────────────────────────────────────────
-# py-spy samples the daemon's Python stacks (every thread, idle ones left out) 100 times a
-# second from its own process, without stopping the daemon. Each sample counts for the
-# first stage below that one of its frames belongs to; the shares times the daemon's CPU
-# seconds (from /proc) over the rows it wrote give microseconds a row. A sample of C code
-# (msgspec, the sqlite3 library, the kernel in a syscall) counts for the Python frame
-# that called it. Frames are named `qualname (file.py:line)`.
+# py-spy samples, 100 times a second from its own process and without stopping the daemon,
+# the Python stack of the thread that holds the GIL (--gil; none: no sample). So a stage's
+# samples / 100 are the seconds it held the GIL, C code it called while holding it included
+# (msgspec, the str methods); what the daemon's CPU seconds (from /proc) leave over is work
+# done without the GIL: system calls (sockets, the journal's write and fdatasync), and for
+# SQLite the library itself ("no GIL" below). Each sample counts for the first stage below
+# that one of its frames belongs to. Frames are named `qualname (file.py:line)`.
 
 STAGES = (
     ("checks", ("check_row ", "row_errors ", "json_depth ", "_without_unset ")),
@@ -895,7 +900,9 @@ STAGES = (
     ("HTTP", ("hypercorn", "h11", "quart", "werkzeug", "create_app", "guard.", "json_response ", "(asgi")),
 )
 OTHER_STAGE = "trio, other"
-STAGE_NAMES = [name for name, _ in STAGES] + [OTHER_STAGE]
+NO_GIL = "no GIL"
+STAGE_NAMES = [name for name, _ in STAGES] + [OTHER_STAGE, NO_GIL]
+SAMPLE_RATE = 100
 
 
 class Sampler(NamedTuple):
@@ -907,7 +914,7 @@ class Sampler(NamedTuple):
         py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
         if py_spy is None:
             raise BenchError("--stages needs py-spy: pip install -c deploy/constraints.txt '.[bench]'")
-        process = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking",
+        process = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--gil", "--nonblocking",
                                     "--format", "raw", "--output", str(output)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)  # attached
@@ -934,12 +941,13 @@ def stage_of(stack: str) -> str:
     return OTHER_STAGE
 
 
-def stage_shares(samples: dict[str, int]) -> dict[str, float]:
-    total = sum(samples.values()) or 1
-    shares = dict.fromkeys(STAGE_NAMES, 0.0)
+def stage_seconds(samples: dict[str, int], cpu_seconds: float) -> dict[str, float]:
+    """CPU seconds by stage: GIL-held samples, and the rest of the daemon's CPU."""
+    seconds = dict.fromkeys(STAGE_NAMES, 0.0)
     for stack, count in samples.items():
-        shares[stage_of(stack)] += count / total
-    return shares
+        seconds[stage_of(stack)] += count / SAMPLE_RATE
+    seconds[NO_GIL] = max(0.0, cpu_seconds - sum(seconds.values()))
+    return seconds
 
 
 # ── report ───────────────────────────────────────────────────────────────────────────
@@ -974,7 +982,7 @@ def describe_level(level: Level, ceiling: Ceiling, server: str | None, log_path:
         f"  CPU a row written: daemon {level.daemon_us_per_row:.1f} µs"
         + ("" if server is None else f", {server} {level.server_us_per_row:.1f} µs"),
         *(["  daemon CPU by stage, µs a row written: " + ", ".join(
-            f"{name} {share * level.daemon_us_per_row:.1f}" for name, share in level.stages.items())]
+            f"{name} {level.stage_us_per_row(name):.1f}" for name in level.stages)]
           if level.stages else []),
         f"  daemon log {log_path.relative_to(REPO)}: {len(level.log_problems)} warning/error lines",
     ]
@@ -1008,7 +1016,7 @@ def stage_table(levels: list[Level]) -> str:
     for level in levels:
         if level.stages:
             rows.append(f"| {level.code} | {level.client} | {level.concurrency} | " + " | ".join(
-                f"{level.stages[name] * level.daemon_us_per_row:.1f}" for name in STAGE_NAMES)
+                f"{level.stage_us_per_row(name):.1f}" for name in STAGE_NAMES)
                 + f" | {level.daemon_us_per_row:.1f} |")
     return "\n".join(rows)
 

@@ -132,7 +132,7 @@ STATS_CACHE_S = 5.0  # DESIGN.md: stats may be a few seconds old
 INBOX_SIZE = 64  # buffer inbox; a full inbox makes request handlers wait, nothing is lost
 LOW_WATERMARK = 0.8  # once over a limit, batches are refused until every use is below this share
 DRAIN_WINDOW_S = 5.0  # the drain rate behind Retry-After: rows written over this many seconds
-RETRY_AFTER_MAX_S = 60
+RETRY_AFTER_MAX_S = 30
 # About the fewest bytes a row takes in a batch body (the required fields, shortest values,
 # no whitespace): the first estimate of a batch's rows from its Content-Length.
 MIN_ROW_BYTES = {"sessions": 80, "tasks": 120}
@@ -3265,8 +3265,9 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         case LetGo(claim):
                             buf.let_go(claim)
                         case Write(key, rows, body, at, claim, reply):
+                            held = claim.state == HELD_CLAIM and len(rows) <= claim.rows and len(body) <= claim.nbytes
                             buf.let_go(claim)
-                            if not buf.has_room(len(rows), len(body)):
+                            if not held and not buf.has_room(len(rows), len(body)):
                                 refusal(now)
                                 answer(reply, buf.retry_after(now))
                             elif journal is None:

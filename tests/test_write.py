@@ -18,7 +18,7 @@ import trio.testing
 from conftest import SESSION_ID, BufferAlone, Raw, make_config, mysql_only, raw_request, running, session, task
 from persistd.daemon import (
     RETRY_BASE_S, SNAPSHOT_MAX_ROWS, Admit, Buffer, BufferConfig, Claim, Entry, Drain, Failed, Fatal, Flush,
-    FlushWaiter, LetGo, SessionIn, TaskIn, Written,
+    FlushWaiter, LetGo, SessionIn, TaskIn, Write, Written,
 )
 from persistd.mysql import upsert
 from persistd.storage import TASKS
@@ -841,6 +841,20 @@ async def test_batches_wait_their_turn_and_a_batch_that_gives_up_frees_its_place
     assert isinstance(other, Claim)
     await h.to_buffer.send(LetGo(one))  # its request failed before its rows came: the room is free again
     assert isinstance(await h.ask(Admit, "tasks", 150_000), Claim)
+
+
+async def test_a_batch_given_room_is_taken_even_while_later_ones_wait(tmp_path, nursery, autojump_clock):
+    """850 of 1000 rows: a 100-row batch is given room; a second one must wait, which turns
+    the buffer to refusing until it is below 80 %. The first batch's rows are taken all the
+    same: their room was held for them."""
+    h = BufferAlone(tmp_path, max_rows=1000, flush_rows=100_000, flush_interval=30).start(nursery)
+    await h.accept("tasks", task_rows(850), AT, body=b"x" * 127_500)  # 150 bytes a row
+    claim = await h.ask(Admit, "tasks", 15_000)
+    assert isinstance(claim, Claim) and claim.rows == 100
+    waiting, _ = trio.open_memory_channel(1)
+    await h.to_buffer.send(Admit("tasks", 15_000, waiting))
+    rows = [msgspec.convert(task(f"u{i}"), TaskIn) for i in range(100)]
+    assert await h.ask(Write, "tasks", rows, b"x" * 15_000, AT, claim) is True
 
 
 async def test_the_room_of_a_request_that_stopped_waiting_is_not_kept(tmp_path, nursery, autojump_clock):
