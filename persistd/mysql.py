@@ -465,10 +465,13 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
 
 
 async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
-    """One slice of the reconciliation (Store.reconcile): the slice's tasks are read with
-    shared locks and its counts locked for update, so a flush of those sessions waits for
-    this transaction and none of its changes is counted twice or missed."""
-    await conn.query("BEGIN")  # a failure throws the connection away: the server rolls back
+    """One slice of the reconciliation (Store.reconcile). Its counts and tasks are first
+    compared in one consistent snapshot, without locks (a flush commits tasks and counts
+    together, so only drift makes them differ): a concurrent flush never waits and never
+    deadlocks with it. Only a slice that drifted is recounted with its tasks read under
+    shared locks and its counts locked for update, so that a flush of those sessions waits
+    and none of its changes is counted twice or missed."""
+    await conn.query("START TRANSACTION WITH CONSISTENT SNAPSHOT")  # a failure throws the connection away
     ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in await fetch(
         conn, "SELECT s.session_id, (SELECT COALESCE(SUM(c.tasks), 0) FROM task_counts c"
               " WHERE c.session_id = s.session_id) AS tasks FROM translation_sessions s"
@@ -478,16 +481,19 @@ async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: in
         await conn.query("COMMIT")
         return None, 0
     chunk = ",".join(map(sql_value, ids))
-    kept = await fetch(conn, KEPT_COUNTS.format(ids=chunk) + " FOR UPDATE")
-    actual = await fetch(conn, f"SELECT session_id, status, {CREATED_HOUR} AS created_hour, COUNT(*) AS tasks,"
-                               " COALESCE(SUM(duration_ms), 0) AS duration_ms_sum, COUNT(duration_ms) AS durations"
-                               f" FROM translation_tasks WHERE session_id IN ({chunk}) GROUP BY 1, 2, 3"
-                               " LOCK IN SHARE MODE")
-    repaired = drifted(kept, actual)
-    if repaired:
-        await conn.query(f"DELETE FROM task_counts WHERE session_id IN ({chunk})")
-        await conn.query(count_in_sql(f"session_id IN ({chunk})"))
+    actual = (f"SELECT session_id, status, {CREATED_HOUR} AS created_hour, COUNT(*) AS tasks,"
+              " COALESCE(SUM(duration_ms), 0) AS duration_ms_sum, COUNT(duration_ms) AS durations"
+              f" FROM translation_tasks WHERE session_id IN ({chunk}) GROUP BY 1, 2, 3")
+    repaired = drifted(await fetch(conn, KEPT_COUNTS.format(ids=chunk)), await fetch(conn, actual))
     await conn.query("COMMIT")
+    if repaired:
+        await conn.query("BEGIN")
+        kept = await fetch(conn, KEPT_COUNTS.format(ids=chunk) + " FOR UPDATE")
+        repaired = drifted(kept, await fetch(conn, actual + " LOCK IN SHARE MODE"))
+        if repaired:
+            await conn.query(f"DELETE FROM task_counts WHERE session_id IN ({chunk})")
+            await conn.query(count_in_sql(f"session_id IN ({chunk})"))
+        await conn.query("COMMIT")
     return ids[-1], repaired
 
 
