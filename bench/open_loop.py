@@ -1,7 +1,7 @@
 """Open-loop latency benchmark for persistd (issue 12 point 4): ack latency where the daemon
 decides it - below its capacity, with requests arriving on their own schedule.
 
-One fresh daemon (write_path's config and start, journal fsync) on one fresh database:
+One fresh daemon (write_path's config and start, journal fsync unless --journal) on one fresh database:
 MariaDB's persistd_bench_open (--backend mysql, the default) or a persistd.db in a temporary
 directory (--backend sqlite). Each phase sends fresh task rows (fields cycled from
 write_path's completed rows, every task id new) into a session of its own, created and
@@ -31,6 +31,7 @@ is 1. Daemon log: bench-results/open_loop-BACKEND.log.
 
 Usage:
   .venv/bin/python bench/open_loop.py [--backend mysql|sqlite] [--seconds 10] [--capacity N] [--port 18101]
+      [--journal fsync|write|off]
 """
 
 from __future__ import annotations
@@ -309,6 +310,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--capacity", type=float, metavar="ROWS_PER_S",
                         help="take this capacity instead of measuring it")
     parser.add_argument("--port", type=int, default=18101)
+    parser.add_argument("--journal", choices=["fsync", "write", "off"], default="fsync",
+                        help="the daemon's [journal] mode (default fsync, the daemon's default)")
     return parser.parse_args(argv)
 
 
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     db = kind.scratch(BENCH_DB)
     db.create()
     with tempfile.TemporaryDirectory(prefix="persistd-open-") as tmp:
-        daemon = start_daemon(args.port, CONNECTIONS, "fsync", Path(tmp), db)
+        daemon = start_daemon(args.port, CONNECTIONS, args.journal, Path(tmp), db)
         try:
             run = Run(args.port, daemon.process.pid, db, time.perf_counter())
             trio.run(drive, run, args.seconds, args.capacity)
