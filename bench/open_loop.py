@@ -67,8 +67,6 @@ POOL_ROWS = 5000
 FLUSH_METRICS = ("persistence_flush_total", "persistence_flush_duration_seconds_sum")
 TARGET_C1_P99_MS = 10.0
 TARGET_LOADED_RATIO = 2.0  # p99 at 50 % load <= this x the unloaded median
-# the daemon's log under this script's name (write_path's start_daemon names it with log_file)
-write_path.log_file = lambda backend, journal, concurrency: write_path.RESULTS_DIR / f"open_loop-{backend}.log"
 
 
 @dataclass
@@ -324,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     db = kind.scratch(BENCH_DB)
     db.create()
     with tempfile.TemporaryDirectory(prefix="persistd-open-") as tmp:
-        daemon = start_daemon(args.port, CONNECTIONS, args.journal, Path(tmp), db)
+        daemon = start_daemon(args.port, CONNECTIONS, args.journal, Path(tmp), db,
+                              log_path=write_path.RESULTS_DIR / f"open_loop-{args.backend}.log")
         try:
             run = Run(args.port, daemon.process.pid, db, time.perf_counter())
             trio.run(drive, run, args.seconds, args.capacity)

@@ -835,14 +835,15 @@ def log_file(backend: str, journal: str, concurrency: int) -> Path:
 
 
 def start_daemon(port: int, concurrency: int, journal: str, tmp: Path, db: Database,
-                 source: Path = DAEMON_FILE.parents[1]) -> Daemon:
-    """persistd from `source` (a directory holding the package persistd, persistd.sql in it)."""
+                 source: Path = DAEMON_FILE.parents[1], log_path: Path | None = None) -> Daemon:
+    """persistd from `source` (a directory holding the package persistd, persistd.sql in it),
+    its log in `log_path` (default: this script's, by backend, journal and concurrency)."""
     state_dir = tmp / f"state-c{concurrency}"
     shutil.rmtree(state_dir, ignore_errors=True)
     config = tmp / f"persistd-c{concurrency}.toml"
     config.write_text(f'[server]\nport = {port}\n[database]\nurl = "{db.url}"\n'
                       f'[state]\ndir = "{state_dir}"\n[journal]\nmode = "{journal}"\n')
-    log_path = log_file(db.backend, journal, concurrency)
+    log_path = log_path or log_file(db.backend, journal, concurrency)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTD_")}  # the config file rules
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
