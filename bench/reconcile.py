@@ -1,5 +1,6 @@
 """What a reconciliation pass (issue 12: task_counts recounted and repaired, a slice of
-sessions a transaction) costs on a database: wall time, the daemon-side CPU of this
+sessions a transaction, compared without locks and recounted under them only where it
+drifted) costs on a database: wall time, the daemon-side CPU of this
 process, and the slices, on the read benchmark's data set (10,000 sessions, 1,000,000
 tasks; load it first with bench/read_path.py --backend BACKEND). Nothing is changed when
 the counts are right; with --drift N, the task_counts rows of N sessions are first made
@@ -36,7 +37,7 @@ async def main(url: str, drift: int, passes: int) -> None:
     store = open_store(msgspec.convert({"url": url}, DatabaseConfig))
     await store.open()
     tasks = await store.count_rows(TASKS)
-    print(f"{url}: {tasks:,} tasks, slices of {RECONCILE_SESSIONS} sessions")
+    print(f"{url}: {tasks:,} tasks, slices of at most {RECONCILE_SESSIONS} sessions and {RECONCILE_TASKS:,} kept tasks")
     if drift:
         sql = ("UPDATE task_counts SET tasks = tasks + 1 WHERE session_id IN"
                f" (SELECT session_id FROM (SELECT session_id FROM translation_sessions ORDER BY session_id LIMIT {drift}) AS s)")
