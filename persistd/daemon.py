@@ -2190,8 +2190,10 @@ ERRORS = {
     "SessionNotFound": Err(404, (HTTP_ERROR_CODES[404],), "No such session, stored or buffered.", id_field="session_id"),
     "TaskNotFound": Err(404, (HTTP_ERROR_CODES[404],), "No such task, stored or buffered.", id_field="task_id"),
     "BufferFull": Err(503, ("BUFFER_FULL",), (
-        "Backpressure: the buffer or the journal is over a limit; nothing of the batch was kept."
-        " Send it again after `Retry-After` seconds."), retry_after=True),
+        "Backpressure: the buffer or the journal is over a limit, and the batch found no room within"
+        " `[buffer] admission_wait`; nothing of it was kept. Usually answered before the body was read,"
+        " with `Connection: close`. Send it again after `Retry-After` seconds (from the rate rows are"
+        " being written)."), retry_after=True),
     "DatabaseUnavailable": Err(503, ("DATABASE_UNAVAILABLE",), (
         "The database did not answer within `[database] read_timeout`; retry later.")),
     "WriteOutFailed": Err(503, ("FLUSH_TIMEOUT", "DATABASE_UNAVAILABLE"), (
