@@ -559,7 +559,7 @@ class Connection(HttpConnection):
 
     async def request(self, method: str, target: str, body: bytes = b"") -> Response:
         assert not body, "the read endpoints take no body"
-        headers = [("Host", self.host), ("Content-Length", "0")]
+        headers = [("Host", f"127.0.0.1:{self.port}"), ("Content-Length", "0")]
         await self.stream.send_all(self.h11.send(h11.Request(method=method, target=target, headers=headers)))
         self.h11.send(h11.EndOfMessage())
         response = await self.receive()
