@@ -158,7 +158,9 @@ def sql_time(value: datetime) -> str:
 
 @functools.lru_cache(maxsize=256)
 def time_text(value: datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S")
+    """A TIMESTAMP literal's text. Times were made UTC, whole seconds, 1970-2038 at the door;
+    isoformat is twice as fast as strftime."""
+    return value.isoformat(" ")[:19]
 
 
 def json_text(value: Any) -> str:

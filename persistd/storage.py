@@ -13,6 +13,7 @@ datetimes into seconds)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import typing
 from datetime import datetime, timedelta
@@ -278,6 +279,7 @@ def tasks_page(q: TaskQuery) -> tuple[Query, Query]:
             Query(page_of_tasks(where, "created_at DESC, task_id DESC"), page_args(args, q)))
 
 
+@functools.lru_cache(maxsize=256)
 def hour_floor(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
