@@ -106,7 +106,7 @@ from cryptography.hazmat.primitives import serialization
 from msgspec import UNSET, Meta, Struct, UnsetType
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger("persistd")
 
@@ -2850,6 +2850,8 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
         (admission_wait), in turn, before its body is read; one that still cannot is refused
         unread and undecoded. The room is held for the batch until it arrives."""
         length = request.content_length
+        if length is not None and length > cfg.server.max_body_bytes:
+            raise RequestEntityTooLarge()  # what quart's read would raise, without waiting for room first
         room = await ask(Admit, key, cfg.server.max_body_bytes if length is None else length)
         if not isinstance(room, Claim):
             raise buffer_full(key, room)
