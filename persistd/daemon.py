@@ -3192,7 +3192,11 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any,
     config.read_timeout = READ_TIMEOUT_S
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.persistd_connections = trio.CapacityLimiter(connection_cap(cfg.server.max_connections))
+    cap = connection_cap(cfg.server.max_connections)
+    config.persistd_connections = trio.CapacityLimiter(cap)
+    # The kernel's accept queue holds a burst as large as the cap (hypercorn's default, 100, overflowed
+    # under 1000 connections at once on a busy machine: some were reset before they were accepted)
+    config.backlog = cap
     app = guard(create_app(cfg, to_buffer, store, metrics, auth), cfg.server.max_body_bytes, cfg.server.max_inflight_bytes)
     async with to_buffer:
         async with trio.open_nursery() as nursery:
