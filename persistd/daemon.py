@@ -1358,6 +1358,13 @@ class Buffer:
         self.reserved_bytes += claim.nbytes
         return claim
 
+    def arrived(self, claim: Claim, rows: int, nbytes: int) -> bool:
+        """The claim's batch has been decoded: whether it may be taken. Always when it is
+        within what its claim held; one with more rows than estimated only if it fits."""
+        within = claim.state == HELD_CLAIM and rows <= claim.rows and nbytes <= claim.nbytes
+        self.let_go(claim)
+        return within or self.has_room(rows, nbytes)
+
     def let_go(self, claim: Claim) -> None:
         """The claim's batch has arrived, or never will: its room is no longer reserved."""
         if claim.state == HELD_CLAIM:
@@ -3274,9 +3281,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                         case LetGo(claim):
                             buf.let_go(claim)
                         case Write(key, rows, body, at, claim, reply):
-                            held = claim.state == HELD_CLAIM and len(rows) <= claim.rows and len(body) <= claim.nbytes
-                            buf.let_go(claim)
-                            if not held and not buf.has_room(len(rows), len(body)):
+                            if not buf.arrived(claim, len(rows), len(body)):
                                 refusal(now)
                                 answer(reply, buf.retry_after(now))
                             elif journal is None:
