@@ -28,8 +28,8 @@ from persistd.daemon import (SESSION_SETUP, STATEMENT_MAX_BYTES, STATEMENT_MAX_R
 from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS,
                               JSON_COLUMNS, KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER,
                               TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query, Reads, Table, decode_json_columns,
-                              drifted, group_by_shape, hour_floor, read_schema, reconcile_slice, split_held,
-                              stats_from, unknown_sessions, written)
+                              drifted, group_by_shape, hour_floor, read_schema, reconcile_slice, sessions_after,
+                              split_held, stats_from, unknown_sessions, written)
 
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
@@ -151,7 +151,6 @@ def sql_value(value: Any) -> str:
     return sql_value(msgspec.json.encode(value).decode())  # a JSON object
 
 
-@functools.lru_cache(maxsize=256)
 def sql_time(value: datetime) -> str:
     return "'" + time_text(value) + "'"
 
@@ -477,11 +476,8 @@ async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: in
     shared locks and its counts locked for update, so that a flush of those sessions waits
     and none of its changes is counted twice or missed."""
     await conn.query("START TRANSACTION WITH CONSISTENT SNAPSHOT")  # a failure throws the connection away
-    ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in await fetch(
-        conn, "SELECT s.session_id, (SELECT COALESCE(SUM(c.tasks), 0) FROM task_counts c"
-              " WHERE c.session_id = s.session_id) AS tasks FROM translation_sessions s"
-        + ("" if after is None else " WHERE s.session_id > %s")
-        + " ORDER BY s.session_id LIMIT %s", *([] if after is None else [after]), sessions)], tasks)
+    sql, args = sessions_after(after, sessions)
+    ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in await fetch(conn, sql, *args)], tasks)
     if not ids:
         await conn.query("COMMIT")
         return None, 0

@@ -26,7 +26,8 @@ from persistd.daemon import UTC, DatabaseConfig, Entry, Snapshot, Stats, Written
 from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_WHERE, DELETE_CHUNK_ROWS, EMPTY_COUNTS,
                               KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS,
                               TASKS, UNFINISHED, Query, Reads, Table, decode_json_columns, drifted, group_by_shape,
-                              read_schema, reconcile_slice, split_held, stats_from, unknown_sessions, written)
+                              read_schema, reconcile_slice, sessions_after, split_held, stats_from,
+                              unknown_sessions, written)
 
 # Primary result codes (the low byte of sqlite_errorcode) that say the file is busy, locked,
 # read-only, full or away for now: a flush failing with one is retried. Any other error (no
@@ -248,11 +249,9 @@ def reconcile(conn: sqlite3.Connection, after: str | None, sessions: int, tasks:
     """One slice of the reconciliation (Store.reconcile), under the write lock. The
     triggers keep the counts whoever writes; this finds a task_counts edited by hand."""
     with transaction(conn):
-        ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in fetch(
-            conn, "SELECT s.session_id, (SELECT COALESCE(SUM(c.tasks), 0) FROM task_counts c"
-                  " WHERE c.session_id = s.session_id) AS tasks FROM translation_sessions s"
-            + ("" if after is None else " WHERE s.session_id > ?")
-            + " ORDER BY s.session_id LIMIT ?", [*([] if after is None else [after]), sessions])], tasks)
+        sql, args = sessions_after(after, sessions)
+        ids = reconcile_slice([(r["session_id"], int(r["tasks"])) for r in fetch(conn, sql.replace("%s", "?"), args)],
+                              tasks)
         if not ids:
             return None, 0
         marks = ",".join("?" * len(ids))

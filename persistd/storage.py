@@ -154,6 +154,15 @@ JSON_COLUMNS = ("game_info", "metadata")  # JSON objects, stored as their text
 TIME_COLUMNS = ("start_time", "end_time")  # times a row carries (besides created_at and updated_at)
 
 
+def sessions_after(after: str | None, sessions: int) -> tuple[str, list[Any]]:
+    """The next `sessions` sessions after `after` in key order, each with the tasks its
+    counts keep (reconcile_slice cuts them to a slice): SQL with %s, and its arguments."""
+    return ("SELECT s.session_id, (SELECT COALESCE(SUM(c.tasks), 0) FROM task_counts c"
+            " WHERE c.session_id = s.session_id) AS tasks FROM translation_sessions s"
+            + ("" if after is None else " WHERE s.session_id > %s") + " ORDER BY s.session_id LIMIT %s",
+            [*([] if after is None else [after]), sessions])
+
+
 def reconcile_slice(sessions: list[tuple[str, int]], tasks: int) -> list[str]:
     """The sessions one reconciliation transaction recounts: in order, while their kept
     counts add up to at most `tasks` (always at least one), so that no slice holds its
