@@ -122,6 +122,13 @@ JSON_MAX_DEPTH = 31  # MariaDB's JSON_VALID refuses 32 levels of nesting; MySQL 
 TIMESTAMP_MIN = datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
 TIMESTAMP_MAX = datetime(2038, 1, 19, 3, 14, 7, tzinfo=UTC)
 SQLITE_DEFAULT_FILE = "persistd.db"  # in the state dir, when no [database] url is set
+INSTANCE_FILE = "instance"  # in the state dir: the instance id chosen at the first start
+# A write's version: its accept time in µs since VERSION_EPOCH_US (2020-01-01, so that a
+# signed 64-bit integer holds it until 2091), with the id of the instance that accepted it in
+# the low INSTANCE_BITS bits. Rows only ever move to a higher version.
+INSTANCE_BITS = 12
+VERSION_EPOCH_US = 1_577_836_800_000_000
+CLOCK_SKEW_WARN_S = 0.05  # an instance whose clock is further from the database's says so
 
 STATEMENT_MAX_ROWS = 1000
 STATEMENT_MAX_BYTES = 4 * 1024 * 1024  # well under max_allowed_packet (16 MiB on MariaDB)
@@ -204,6 +211,10 @@ class BufferConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class StateConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     dir: str = "state"
+    # This instance's id, in the version of every write it accepts: instances that write to one
+    # database need different ids. -1: chosen at random at the first start and kept in
+    # <dir>/instance.
+    instance_id: Annotated[int, Meta(ge=-1, lt=1 << INSTANCE_BITS)] = -1
 
 
 class JournalConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -356,22 +367,23 @@ def sqlite_path(url: str) -> str:
 
 
 def parse_database_url(url: str) -> dict[str, Any]:
-    """`mysql://user:password@host:port/dbname` → trio_mysql connection arguments."""
+    """`mysql://user:password@host:port/dbname`, or with several servers (a Galera cluster's
+    nodes) `mysql://user:password@host1:port1,host2:port2/dbname` → trio_mysql connection
+    arguments, with `hosts` the (host, port) pairs in the url's order."""
     parts = urlsplit(url)
-    try:
-        port = parts.port or 3306
-    except ValueError:
-        raise ConfigError(f"database url {url!r}: bad port") from None
     database = parts.path.lstrip("/")
-    if parts.scheme != "mysql" or not parts.hostname or not database or "/" in database:
-        raise ConfigError(f"database url {url!r} is not mysql://user:password@host:port/dbname")
-    return {
-        "host": parts.hostname,
-        "port": port,
-        "user": unquote(parts.username or "root"),
-        "password": unquote(parts.password or ""),
-        "database": unquote(database),
-    }
+    userinfo, _, netloc = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    hosts = []
+    for server in netloc.split(","):
+        address = urlsplit(f"//{server}")
+        try:
+            hosts.append((address.hostname, address.port or 3306))
+        except ValueError:
+            raise ConfigError(f"database url {url!r}: bad port") from None
+    if parts.scheme != "mysql" or not all(host for host, _ in hosts) or not database or "/" in database:
+        raise ConfigError(f"database url {url!r} is not mysql://user:password@host:port[,host:port...]/dbname")
+    return {"hosts": hosts, "user": unquote(user or "root"), "password": unquote(password), "database": unquote(database)}
 
 
 # ── API types ────────────────────────────────────────────────────────────────────────
@@ -958,6 +970,9 @@ class Metrics:
             "persistence_flush", "Total flush operations", registry=r)
         self.flush_errors = prometheus_client.Counter(
             "persistence_flush_errors", "Flush attempts that failed and will be retried", registry=r)
+        self.flush_conflicts = prometheus_client.Counter(
+            "persistence_flush_conflicts", "Flush attempts aborted by a concurrent transaction (a deadlock, a"
+            " Galera certification conflict) and retried; also counted in persistence_flush_errors", registry=r)
         self.flush_duration = prometheus_client.Histogram(
             "persistence_flush_duration_seconds", "Duration of successful flushes", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -1198,7 +1213,9 @@ class Notifier:
 class Entry(Struct, gc=False):
     """A buffered row with what the service adds to it. `seq` orders writes: the entry
     with the higher seq was accepted later and wins. `first_seq` is the oldest write
-    merged into it: the journal keeps every record from there on until it is written."""
+    merged into it: the journal keeps every record from there on until it is written.
+    `version` is the latest write's (see INSTANCE_BITS); `versions` holds the older one
+    of each optional field that an earlier write set and the latest left out."""
 
     row: Any  # SessionIn | TaskIn
     created_at: datetime
@@ -1207,6 +1224,11 @@ class Entry(Struct, gc=False):
     held_since: float = 0.0  # trio clock, for tasks waiting for their session
     first_seq: int = 0
     size: int = 0  # request bytes, for the buffer's byte limit
+    version: int = 0
+    versions: dict[str, int] | None = None
+
+    def field_version(self, name: str) -> int:
+        return self.version if self.versions is None else self.versions.get(name, self.version)
 
 
 OPTIONAL_FIELDS = {
@@ -1219,8 +1241,11 @@ def combine(a: Entry, b: Entry) -> Entry:
     left out keeps the earlier value; created_at is the first. `b` wins ties."""
     older, newer = (b, a) if a.seq > b.seq else (a, b)
     for name in OPTIONAL_FIELDS[type(newer.row)]:
-        if getattr(newer.row, name) is UNSET:
-            setattr(newer.row, name, getattr(older.row, name))
+        if getattr(newer.row, name) is UNSET and (value := getattr(older.row, name)) is not UNSET:
+            setattr(newer.row, name, value)
+            if newer.versions is None:
+                newer.versions = {}
+            newer.versions[name] = older.field_version(name)
     newer.created_at = older.created_at
     newer.held_since = older.held_since or newer.held_since
     newer.first_seq = min(older.first_seq, newer.first_seq)
@@ -1265,6 +1290,7 @@ class FlushWaiter:
         self.target = 0
         self.sessions_written = 0
         self.tasks_written = 0
+        self.held_tried = True  # False while tasks held for their session wait to be tried again
 
 
 class Buffer:
@@ -1279,9 +1305,11 @@ class Buffer:
     write merged into an unwritten row on (`floor()`), and their size.
     """
 
-    def __init__(self, cfg: BufferConfig, journal_max_bytes: float = math.inf) -> None:
+    def __init__(self, cfg: BufferConfig, journal_max_bytes: float = math.inf, instance: int = 0) -> None:
         self.cfg = cfg
         self.journal_max_bytes = journal_max_bytes
+        self.instance = instance
+        self.clock_us = 0  # the accept time of the last version given out, or replayed
         self.sessions: dict[str, Entry] = {}
         self.tasks: dict[str, Entry] = {}
         self.held: dict[str, dict[str, Entry]] = {}
@@ -1290,6 +1318,9 @@ class Buffer:
         self.retry_at = math.inf
         self.failures = 0
         self.first_pending_at = math.inf
+        self.held_retry_at = 0.0  # when held tasks next go with a snapshot, to find their session written meanwhile
+        self.held_in_flight = 0  # held tasks in the snapshot in flight: still waiting for their session
+        self.held_tried_for: list[FlushWaiter] = []  # the /flush calls that the held tasks in flight answer
         self.seq = 0  # the last seq given out, or replayed
         self.durable_seq = 0  # every write up to here is in the database
         self.bytes = 0  # request bytes of every row in memory
@@ -1316,6 +1347,9 @@ class Buffer:
     # size
     def held_count(self) -> int:
         return sum(map(len, self.held.values()))
+
+    def waiting_for_session(self) -> int:
+        return self.held_count() + self.held_in_flight
 
     def counts(self) -> tuple[int, int]:
         """(sessions, tasks) held in memory, in flight included."""
@@ -1405,14 +1439,18 @@ class Buffer:
         return min(RETRY_AFTER_MAX_S, max(1, math.ceil(wait)))
 
     # writes
-    def write(self, key: str, rows: list, at: datetime, now: float, nbytes: int) -> int:
-        """Take an accepted batch; returns its seq."""
+    def write(self, key: str, rows: list, at_us: int, now: float, nbytes: int) -> tuple[int, int]:
+        """Take a batch accepted at `at_us` (µs since the epoch); returns its seq and version.
+        Versions only go up, whatever the wall clock does."""
         self.row_bytes[key].append(max(MIN_ROW_BYTES[key], -(-nbytes // max(len(rows), 1))))  # rounded up
         self.seq += 1
         self.accepted.append((self.seq, now))
+        self.clock_us = max(at_us, self.clock_us + 1)
+        version = version_of(self.clock_us, self.instance)
+        at = accept_time(version)
         size = nbytes // max(len(rows), 1)
-        self._take(key, [Entry(row, at, at, self.seq, 0.0, self.seq, size) for row in rows], now)
-        return self.seq
+        self._take(key, [Entry(row, at, at, self.seq, 0.0, self.seq, size, version) for row in rows], now)
+        return self.seq, version
 
     def replay(self, key: str, entries: list[Entry], seq: int, now: float, wall: datetime) -> None:
         """Take a journal record's rows, with the seq and accept times they had. A task's
@@ -1420,6 +1458,7 @@ class Buffer:
         orphan_ttl runs on across restarts."""
         for entry in entries:
             entry.held_since = now - max(0.0, (wall - entry.created_at).total_seconds())
+            self.clock_us = max(self.clock_us, version_us(entry.version))
         self.seq = max(self.seq, seq)
         self.accepted.append((seq, now))
         self._take(key, entries, now)
@@ -1520,13 +1559,24 @@ class Buffer:
             if now < self.retry_at:
                 return None
         else:
+            # Held tasks go with a snapshot every flush_interval: their session may have been
+            # written meanwhile by another instance (or by other means).
+            held_due = bool(self.held) and now >= self.held_retry_at
             pending = len(self.sessions) + len(self.tasks)
-            if not pending:
+            if not pending and not held_due:
                 return None
-            due = now >= self.first_pending_at + self.cfg.flush_interval
+            due = held_due or now >= self.first_pending_at + self.cfg.flush_interval
             # Over a limit, batches are refused until a flush makes room: that flush is due now.
             if not (due or self.draining or self.waiters or self.refusing or pending >= self.cfg.flush_rows):
                 return None
+            if held_due:
+                self.held_in_flight = self.held_count()
+                self.held_tried_for = list(self.waiters)
+                for group in self.held.values():
+                    for task_id, entry in group.items():
+                        self._unpin(entry)
+                        self.bytes += self._put(self.tasks, task_id, entry) - entry.size
+                self.held = {}
             if len(self.tasks) <= SNAPSHOT_MAX_ROWS:
                 tasks, self.tasks = self.tasks, {}
                 self.first_pending_at = math.inf
@@ -1541,9 +1591,14 @@ class Buffer:
 
     def request_flush(self, waiter: FlushWaiter) -> bool:
         """Register a /flush call; False when everything accepted is already written, which
-        counts as a flush done now (/health's last_flush says when all was last written)."""
+        counts as a flush done now (/health's last_flush says when all was last written).
+        Tasks held for their session are tried again first: another instance may have
+        written their session meanwhile."""
         self._settle()
-        if self.durable_seq >= self.seq:
+        if self.held:
+            waiter.held_tried = False
+            self.held_retry_at = -math.inf
+        elif self.durable_seq >= self.seq:
             self.last_flush = utc_now()
             return False
         waiter.target = self.seq
@@ -1552,11 +1607,11 @@ class Buffer:
 
     def _settle(self) -> list[FlushWaiter]:
         """The /flush calls that are answered now: all they waited for is written (rows
-        held for their session do not count: they cannot be written yet)."""
+        still held for their session once tried again do not count: they cannot be written yet)."""
         if self.idle():
             self.durable_seq = self.seq
-        done = [w for w in self.waiters if w.target <= self.durable_seq]
-        self.waiters = [w for w in self.waiters if w.target > self.durable_seq]
+        done = [w for w in self.waiters if w.target <= self.durable_seq and w.held_tried]
+        self.waiters = [w for w in self.waiters if w not in done]
         return done
 
     def written(self, sessions: int, tasks: int, held: list[Entry], now: float) -> list[tuple[trio.MemorySendChannel, Any]]:
@@ -1564,6 +1619,12 @@ class Buffer:
         snapshot = self.in_flight
         assert snapshot is not None and self.flusher_busy
         self.in_flight, self.flusher_busy = None, False
+        self.held_in_flight = 0
+        for waiter in self.held_tried_for:
+            waiter.held_tried = True
+        self.held_tried_for = []
+        if held:
+            self.held_retry_at = now + self.cfg.flush_interval
         self.durable_seq = snapshot.seq
         self.failures, self.retry_at, self.last_error = 0, math.inf, None
         self.last_flush = utc_now()
@@ -1680,18 +1741,21 @@ class Buffer:
         admitting = self.admitting[0].deadline if self.admitting else math.inf
         if self.in_flight is not None:
             return min(admitting, self.retry_at if not self.flusher_busy else math.inf)
+        held = self.held_retry_at if self.held else math.inf
         if not (self.sessions or self.tasks):
-            return admitting
-        return min(admitting, self.first_pending_at + self.cfg.flush_interval)
+            return min(admitting, held)
+        return min(admitting, held, self.first_pending_at + self.cfg.flush_interval)
 
 
 # ── the journal: accepted batches on disk until the database has them ───────────────
 # Segment files <state dir>/journal/<number>.journal, only ever appended to. A record is
 #   header: payload length (u32), CRC-32 of seq, kind and payload (u32), seq (u64), kind (u8)
-#   payload: SESSIONS_BATCH / TASKS_BATCH: accept time (µs since the epoch, i64) + request body
+#   payload: SESSIONS / TASKS: the batch's version (u64, see INSTANCE_BITS) + request body
 #            FORGET: a deleted session's id; its rows in records before this one are void
 #            RELEASED: every record below this seq (u64) is in the database (the record's seq is 0)
-#            HELD: held tasks copied forward, JSON [[created_at, updated_at, task], ...]
+#            HELD: held tasks copied forward, JSON [[created_at, updated_at, version, versions, task], ...]
+# Journals of persistd 1.0.x hold kinds 1, 2 and 5 instead, without versions: they are replayed
+# with the accept time as the version (instance 0), older than anything written since.
 # A segment is deleted once every record in it is released. Replay reads the segments in
 # order and applies each batch still needed as it was accepted, so each key ends at its
 # last acknowledged write.
@@ -1699,11 +1763,15 @@ class Buffer:
 RECORD = struct.Struct("<IIQB")
 SEQ_KIND = struct.Struct("<QB")
 MICROS = struct.Struct("<q")
+VERSION_FIELD = struct.Struct("<Q")
 FLOOR = struct.Struct("<Q")
-SESSIONS_BATCH, TASKS_BATCH, FORGET, RELEASED, HELD = 1, 2, 3, 4, 5
-HELD_DECODER = msgspec.json.Decoder(list[tuple[datetime, datetime, TaskIn]])
+SESSIONS_1_0, TASKS_1_0, FORGET, RELEASED, HELD_1_0, SESSIONS_BATCH, TASKS_BATCH, HELD = range(1, 9)
+HELD_DECODER = msgspec.json.Decoder(list[tuple[datetime, datetime, int, dict[str, int] | None, TaskIn]])
+HELD_1_0_DECODER = msgspec.json.Decoder(list[tuple[datetime, datetime, TaskIn]])
 HELD_COPY_SHARE = 0.25  # held tasks pinning a journal this full (of max_bytes) are copied forward
 BATCH_KINDS = {"sessions": SESSIONS_BATCH, "tasks": TASKS_BATCH}
+SESSION_KINDS = (SESSIONS_BATCH, SESSIONS_1_0)
+ROW_KINDS = (SESSIONS_BATCH, TASKS_BATCH, HELD, SESSIONS_1_0, TASKS_1_0, HELD_1_0)
 SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 REPLAY_WAIT_S = 0.1  # replay waits this long for room when its backlog fills the buffer
@@ -1717,8 +1785,22 @@ def frame(seq: int, kind: int, parts: tuple[bytes, ...]) -> list[bytes]:
     return [RECORD.pack(sum(map(len, parts)), crc, seq, kind), *parts]
 
 
-def micros(at: datetime) -> bytes:
-    return MICROS.pack((at - EPOCH) // timedelta(microseconds=1))
+def micros(at: datetime) -> int:
+    return (at - EPOCH) // timedelta(microseconds=1)
+
+
+def version_of(at_us: int, instance: int) -> int:
+    """The version of a write accepted at `at_us` (µs since 1970) by `instance`."""
+    return max(0, at_us - VERSION_EPOCH_US) << INSTANCE_BITS | instance
+
+
+def version_us(version: int) -> int:
+    return (version >> INSTANCE_BITS) + VERSION_EPOCH_US
+
+
+def accept_time(version: int) -> datetime:
+    """A version's accept time, in whole seconds like the TIMESTAMP columns that store it."""
+    return EPOCH + timedelta(seconds=version_us(version) // 1_000_000)
 
 
 class Journal:
@@ -1761,7 +1843,7 @@ class Journal:
             if last < self.floor:  # released, or release marks only: it may be deleted meanwhile
                 continue
             for seq, kind, payload in self._records(segment, keep_aside=False):
-                if kind in (SESSIONS_BATCH, TASKS_BATCH, HELD) and seq >= self.floor:
+                if kind in ROW_KINDS and seq >= self.floor:
                     yield seq, kind, payload
 
     def batch(self, seq: int, kind: int, payload: bytes) -> tuple[str, list[Entry], int]:
@@ -1769,12 +1851,18 @@ class Journal:
         without the rows of sessions deleted after it; and the record's size."""
         if kind == HELD:
             key, items = "tasks", HELD_DECODER.decode(payload)
+        elif kind == HELD_1_0:
+            key, items = "tasks", [(c, u, version_of(micros(u), 0), None, row) for c, u, row in HELD_1_0_DECODER.decode(payload)]
         else:
-            key = "sessions" if kind == SESSIONS_BATCH else "tasks"
-            at = EPOCH + timedelta(microseconds=MICROS.unpack_from(payload)[0])
-            items = [(at, at, row) for row in decode_batch(key, payload[MICROS.size:])]
+            key = "sessions" if kind in SESSION_KINDS else "tasks"
+            version = VERSION_FIELD.unpack_from(payload)[0]
+            if kind != BATCH_KINDS[key]:  # 1.0: the accept time
+                version = version_of(MICROS.unpack_from(payload)[0], 0)
+            at = accept_time(version)
+            items = [(at, at, version, None, row) for row in decode_batch(key, payload[VERSION_FIELD.size:])]
         size = len(payload) // max(len(items), 1)
-        return key, [Entry(row, created, updated, seq, 0.0, seq, size) for created, updated, row in items
+        return key, [Entry(row, created, updated, seq, 0.0, seq, size, version, versions)
+                     for created, updated, version, versions, row in items
                      if self.forgotten.get(row.session_id, 0) < seq], len(payload)
 
     def _records(self, segment: Path, keep_aside: bool) -> typing.Iterator[tuple[int, int, bytes]]:
@@ -1902,13 +1990,14 @@ class DeadLetters:
 # the URL's scheme picks one, imported when it is used (each imports this module's types).
 
 
-def open_store(cfg: DatabaseConfig) -> Any:
-    """The backend `cfg.url` names: a persistd.storage.Store."""
+def open_store(cfg: DatabaseConfig, instance: int = 0) -> Any:
+    """The backend `cfg.url` names: a persistd.storage.Store. `instance` is the id that
+    the MySQL backend's task_counts rows of this instance carry."""
     if backend_of(cfg.url) == "sqlite":
         from persistd.sqlite import SQLiteStore
         return SQLiteStore(cfg)
     from persistd.mysql import MySQLStore
-    return MySQLStore(cfg)
+    return MySQLStore(cfg, instance)
 
 
 def describe(exc: BaseException) -> str:
@@ -1938,16 +2027,46 @@ DB_DEFAULTS = {**{name: None for t in (SessionIn, TaskIn) for name in OPTIONAL_F
 
 
 def overlay(stored: dict | None, buffered: list[Entry]) -> dict | None:
-    """The latest accepted state of a row: its buffered states laid over the stored one."""
+    """The latest accepted state of a row: its buffered states laid over the stored one,
+    each field where the buffer's version of it is the newer (another instance may have
+    written a newer one). `stored` has the versions (storage.version_columns)."""
     if not buffered:
         return stored
     state = dict(stored) if stored is not None else {**DB_DEFAULTS, "created_at": buffered[0].created_at}
+    optional = OPTIONAL_FIELDS[type(buffered[0].row)]
     for entry in buffered:
         for name, value in msgspec.structs.asdict(entry.row).items():
-            if value is not UNSET:
-                state[name] = value
-        state["updated_at"] = entry.updated_at
+            if value is UNSET:
+                continue
+            if name not in optional:
+                if entry.version > state.get("row_version", 0):
+                    state[name] = value
+            elif entry.field_version(name) > state.get(f"{name}_version", 0):
+                state[name], state[f"{name}_version"] = value, entry.field_version(name)
+        if entry.version > state.get("row_version", 0):
+            state["updated_at"], state["row_version"] = entry.updated_at, entry.version
     return state
+
+
+def instance_id(state_dir: Path, configured: int) -> int:
+    """[state] instance_id, or the id chosen at random at the first start and kept in the
+    state dir (written whole, then renamed: a crash leaves no half-written id)."""
+    if configured >= 0:
+        return configured
+    path = state_dir / INSTANCE_FILE
+    try:
+        return int(path.read_text())
+    except FileNotFoundError:
+        chosen = random.randrange(1 << INSTANCE_BITS)
+        partial = path.with_suffix(".new")
+        with open(partial, "w") as f:
+            f.write(f"{chosen}\n")
+            os.fsync(f.fileno())
+        partial.rename(path)
+        return chosen
+    except ValueError:
+        raise ConfigError(f"{path} does not hold an instance id; remove it to have one chosen,"
+                          " or set [state] instance_id") from None
 
 
 def cleanup_cutoffs(now: datetime, completed_days: int, failed_days: int) -> tuple[datetime, datetime]:
@@ -1975,7 +2094,7 @@ class Write(NamedTuple):  # http → buffer: a batch for its claim's room; answe
     key: str
     rows: list
     body: bytes  # as received: the journal's record of the batch
-    at: datetime
+    at_us: int  # accept time, µs since the epoch
     claim: Claim
     reply: trio.MemorySendChannel
 
@@ -2092,7 +2211,7 @@ def answer(reply: trio.MemorySendChannel, value: Any) -> bool:
 
 def buffer_status(buf: Buffer, now: float) -> BufferStatus:
     sessions, tasks = buf.counts()
-    held = buf.held_count()
+    held = buf.waiting_for_session()
     oldest, unwritten = buf.oldest_held(now), buf.oldest_unwritten(now)
     health = BufferHealth(
         sessions_count=sessions, tasks_count=tasks, total_count=sessions + tasks,
@@ -2865,8 +2984,8 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
         try:
             body = await request.get_data(cache=False)
             rows = decode_batch(key, body)
-            at = utc_now()
-            taken = await ask(Write, key, rows, body, at, room)
+            at_us = time.time_ns() // 1000
+            taken = await ask(Write, key, rows, body, at_us, room)
         except BaseException:
             with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await to_buffer.send(LetGo(room))
@@ -2874,7 +2993,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
         if taken is not True:  # more rows than its size suggested, and they do not fit
             metrics.refused_bytes_read.inc(len(body))
             raise buffer_full(key, taken)
-        return json_response(202, Accepted("accepted", len(rows), at))
+        return json_response(202, Accepted("accepted", len(rows), accept_time(version_of(at_us, 0))))
 
     @app.post("/api/v1/translation/sessions/batch")
     async def sessions_batch() -> Response:
@@ -3215,7 +3334,7 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any,
 
 
 async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio.MemorySendChannel,
-                       journal: trio.MemorySendChannel | None, dead_letters: DeadLetters) -> None:
+                       journal: trio.MemorySendChannel | None, dead_letters: DeadLetters, instance: int = 0) -> None:
     """Owns every unflushed row. Decides when to flush and when to retry (capped, jittered
     exponential backoff, forever: accepted rows are never dropped). Each batch goes to the
     journal and is answered once the journal has it; the journal is told which records
@@ -3223,7 +3342,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
     `shutdown_timeout`; what is still unwritten then stays in the journal for the next
     start (without a journal it goes to the dead-letter file, as it does when any actor
     fails and the daemon stops)."""
-    buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes)
+    buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes, instance)
     buf.replaying = journal is not None  # until ReplayDone
     sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
     next_sweep = trio.current_time() + sweep_every
@@ -3280,17 +3399,17 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                                 buf.let_go(claim)  # its request has gone
                         case LetGo(claim):
                             buf.let_go(claim)
-                        case Write(key, rows, body, at, claim, reply):
+                        case Write(key, rows, body, at_us, claim, reply):
                             if not buf.arrived(claim, len(rows), len(body)):
                                 refusal(now)
                                 answer(reply, buf.retry_after(now))
                             elif journal is None:
-                                buf.write(key, rows, at, now, len(body))
+                                buf.write(key, rows, at_us, now, len(body))
                                 answer(reply, True)
                             else:
-                                seq = buf.write(key, rows, at, now, len(body))
-                                buf.journaled(seq, RECORD.size + MICROS.size + len(body))
-                                journal.send_nowait(Append(seq, BATCH_KINDS[key], (micros(at), body)))
+                                seq, version = buf.write(key, rows, at_us, now, len(body))
+                                buf.journaled(seq, RECORD.size + VERSION_FIELD.size + len(body))
+                                journal.send_nowait(Append(seq, BATCH_KINDS[key], (VERSION_FIELD.pack(version), body)))
                                 journal.send_nowait(Sync(reply, True))
                         case Replayed(key, entries, nbytes, seq, reply):
                             buf.replay(key, entries, seq, now, utc_now())
@@ -3364,7 +3483,8 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
                     settled = settled or bool(expired)
                 if settled and journal is not None:
                     if buf.journal_bytes > cfg.journal.max_bytes * HELD_COPY_SHARE and (held := buf.held_pinning_the_journal()):
-                        payload = msgspec.json.encode([(e.created_at, e.updated_at, e.row) for e in held])
+                        payload = msgspec.json.encode([(e.created_at, e.updated_at, e.version, e.versions, e.row)
+                                                       for e in held])
                         buf.journaled(held[0].first_seq, RECORD.size + len(payload))
                         journal.send_nowait(Append(held[0].first_seq, HELD, (payload,)))
                     if (floor := buf.release()) is not None:
@@ -3435,6 +3555,8 @@ async def flusher_actor(store: Any, jobs: trio.MemoryReceiveChannel, results: tr
                     outcome = await store.write(snapshot)
                 except store.errors as exc:
                     outcome = Failed(describe(exc), store.transient(exc))
+                    if store.conflict(exc):
+                        metrics.flush_conflicts.inc()
             if outcome is None:
                 outcome = Failed(f"gave up after {trio.current_time() - started:.1f} s", True)
             if isinstance(outcome, Failed):
@@ -3524,7 +3646,7 @@ async def replay(journal: Journal, to_buffer: trio.MemorySendChannel, dead_lette
         try:
             key, entries, nbytes = journal.batch(seq, kind, payload)
         except (ApiError, msgspec.ValidationError) as exc:
-            table = "translation_sessions" if kind == SESSIONS_BATCH else "translation_tasks"
+            table = "translation_sessions" if kind in SESSION_KINDS else "translation_tasks"
             await dead_letters.write_body("refused_at_replay", table, payload, str(exc))
             continue
         while not await ask_buffer(to_buffer, Room, len(entries), nbytes):
@@ -3582,6 +3704,14 @@ async def open_writer(store: Any, url: str) -> None:
             raise Fatal(f"the database {masked_url(url)} refuses persistd: {describe(exc)}") from None
         event(logging.WARNING, "database_unreachable_at_start", "the database does not answer yet; batches are"
               " accepted and written once it does: {error}", error=describe(exc))
+        return
+    if store.migrated:
+        event(logging.INFO, "schema_migrated", "added the columns of persistd {version}: {columns}", version=VERSION,
+              columns=", ".join(store.migrated))
+    if abs(store.clock_offset) > CLOCK_SKEW_WARN_S:
+        event(logging.WARNING, "clock_skew", "this machine's clock is {seconds:+.3f} s from the database's: instances"
+              " whose clocks differ by more than the time between two writes of one row may order them wrongly"
+              " (README, Scaling out)", seconds=round(-store.clock_offset, 3))
 
 
 async def systemd_actor(notifier: Notifier, to_buffer: trio.MemorySendChannel, ready: trio.Event,
@@ -3621,12 +3751,13 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
     so tests can start it in-process on port 0. `notifier` speaks to systemd."""
     started = trio.current_time()
     notifier = notifier or Notifier({})
-    store = open_store(cfg.database)  # reads its schema: a copy missing from the package stops the start
     state_dir = Path(cfg.state.dir)
     await trio.to_thread.run_sync(check_state_dir, state_dir)
-    event(logging.INFO, "starting", "persistd {version} starting: database {database}, state dir {state_dir},"
-          " journal {journal}", version=VERSION, database=masked_url(cfg.database.url),
-          state_dir=str(state_dir.resolve()), journal=cfg.journal.mode)
+    instance = await trio.to_thread.run_sync(instance_id, state_dir, cfg.state.instance_id)
+    store = open_store(cfg.database, instance)  # reads its schema: a copy missing from the package stops the start
+    event(logging.INFO, "starting", "persistd {version} starting: instance {instance}, database {database},"
+          " state dir {state_dir}, journal {journal}", version=VERSION, instance=instance,
+          database=masked_url(cfg.database.url), state_dir=str(state_dir.resolve()), journal=cfg.journal.mode)
     metrics = Metrics()
     metrics.backend.labels(store.backend).set(1)
     dead_letters = DeadLetters(state_dir / "dead-letter.jsonl", metrics)
@@ -3656,7 +3787,7 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
             nursery.start_soon(flusher_actor, store, flusher_inbox, to_buffer.clone(), metrics)
             if journal is not None:
                 nursery.start_soon(journal_actor, journal, journal_inbox)
-            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters)
+            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters, instance)
             if notifier.sock is not None:
                 nursery.start_soon(systemd_actor, notifier, to_buffer.clone(), ready, stop)
             if journal is not None:

@@ -2,9 +2,13 @@
 trio-mysql, for production. Every statement persistd sends to MySQL is in this module.
 
 Writes: multi-row INSERT ... ON DUPLICATE KEY UPDATE built as text (each row a JSON array
-encoded by msgspec, in a worker thread) while the previous statement runs; task_counts kept
-in the same transaction. Reads: a small pool of connections, thrown away after any error. The
-flusher's writer connection is its own."""
+encoded by msgspec, in a worker thread) while the previous statement runs, each field changed
+only by a newer version; task_counts kept in the same transaction. Reads: a small pool of
+connections, thrown away after any error. The flusher's writer connection is its own.
+
+The url may name several servers (a Galera cluster's nodes): every new connection goes to the
+first that answers, from the one that answered last; reads wait for what other nodes
+committed (wsrep_sync_wait)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import functools
 import operator
 import os
 import re
+import time
 import typing
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -29,7 +34,7 @@ from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_W
                               JSON_COLUMNS, KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER,
                               TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query, Reads, Table, decode_json_columns,
                               drifted, group_by_shape, hour_floor, read_schema, reconcile_slice, sessions_after,
-                              split_held, stats_from, unknown_sessions, written)
+                              split_held, stats_from, unknown_sessions, version_columns, version_values, written)
 
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
@@ -79,6 +84,7 @@ def _force_close(conn: trio_mysql.Connection) -> None:
 trio_mysql.connections.Connection._force_close = _force_close
 trio_mysql.connections.Connection.__del__ = _force_close
 ER_BAD_DB_ERROR = 1049
+ER_LOCK_DEADLOCK = 1213
 # Errors that refuse a row for what it holds: retrying cannot help, the row goes to the
 # dead-letter file and the rest is written. Any other error is the database's state (lost
 # connection, deadlock, lock wait, disk full, ...) and the whole flush is retried.
@@ -106,34 +112,35 @@ def sql_escape(text: str) -> str:
 # task_counts: the tasks by session, status and hour of creation, changed in the transaction
 # that changes the tasks. An upsert first counts out the stored states of its rows, then
 # counts in their new ones, both in the database: a partial update keeps stored fields, and
-# a task that already exists keeps its created_at. A count-out never takes a count below
-# zero: a task written behind persistd's back was never counted in (the reconciliation
-# counts it later), so its bucket may hold less than the tasks found.
+# a task that already exists keeps its created_at. Each instance changes only its own rows
+# (`shard`, its instance id): two instances flushing tasks of one session change different
+# rows and never wait for (or, on Galera, abort) each other. A bucket is the sum of its
+# shards. A count-out never takes a bucket below zero: a task written behind persistd's back
+# was never counted in (the reconciliation counts it later), so its bucket may hold less
+# than the tasks found.
 CREATED_HOUR = "FROM_UNIXTIME(UNIX_TIMESTAMP(created_at) DIV 3600 * 3600)"
-COUNT_COLUMNS = "session_id, status, created_hour, tasks, duration_ms_sum, durations"
+COUNT_COLUMNS = "session_id, status, created_hour, shard, tasks, duration_ms_sum, durations"
 GROUPED_TASKS = ("SELECT session_id, status, {hour} AS hour, COUNT(*) AS n, COALESCE(SUM(duration_ms), 0) AS ms,"
                  " COUNT(duration_ms) AS nd FROM translation_tasks WHERE {where} GROUP BY 1, 2, 3")
 ADD_COUNTS = (" ON DUPLICATE KEY UPDATE tasks = tasks + VALUES(tasks),"
               " duration_ms_sum = duration_ms_sum + VALUES(duration_ms_sum), durations = durations + VALUES(durations)")
 
 
-def count_in_sql(where: str) -> str:
+def count_in_sql(where: str, shard: int) -> str:
     """Adds the tasks that match `where`, as they are stored, to their buckets."""
-    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT * FROM ("
-            + GROUPED_TASKS.format(hour=CREATED_HOUR, where=where) + ") AS d" + ADD_COUNTS)
+    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT d.session_id, d.status, d.hour, {shard:d}, d.n, d.ms,"
+            " d.nd FROM (" + GROUPED_TASKS.format(hour=CREATED_HOUR, where=where) + ") AS d" + ADD_COUNTS)
 
 
-def count_out_sql(where: str) -> str:
-    """Takes the tasks that match `where`, as they are stored, out of their buckets, down to
-    zero at most. The derived table lets the update read each bucket's figures (MariaDB
-    refers to a grouped SELECT's columns no other way)."""
-    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT d.session_id, d.status, d.hour, 0, 0, 0 FROM ("
-            + GROUPED_TASKS.format(hour=CREATED_HOUR, where=where) + ") AS d ON DUPLICATE KEY UPDATE"
-            " tasks = GREATEST(tasks - d.n, 0), duration_ms_sum = GREATEST(duration_ms_sum - d.ms, 0),"
-            " durations = GREATEST(durations - d.nd, 0)")
-
-
-RECOUNT_TASKS = count_in_sql("TRUE")
+def count_out_sql(where: str, shard: int) -> str:
+    """Takes the tasks that match `where`, as they are stored, out of their buckets: out of
+    this shard's rows, at most what the bucket's shards hold together."""
+    def held(column: str) -> str:
+        return (f"(SELECT COALESCE(SUM(c.{column}), 0) FROM task_counts c WHERE c.session_id = d.session_id"
+                " AND c.status = d.status AND c.created_hour = d.hour)")
+    return (f"INSERT INTO task_counts ({COUNT_COLUMNS}) SELECT d.session_id, d.status, d.hour, {shard:d},"
+            f" -LEAST(d.n, {held('tasks')}), -LEAST(d.ms, {held('duration_ms_sum')}), -LEAST(d.nd, {held('durations')})"
+            " FROM (" + GROUPED_TASKS.format(hour=CREATED_HOUR, where=where) + ") AS d" + ADD_COUNTS)
 
 
 def sql_value(value: Any) -> str:
@@ -184,12 +191,21 @@ def row_literal(values: list[Any]) -> bytes:
 
 
 @functools.cache
-def statement_frame(table: Table, columns: tuple[str, ...]) -> tuple[bytes, bytes]:
-    """INSERT head and ON DUPLICATE KEY UPDATE tail for rows that carry `columns`. Only
-    the columns a row carries are updated; created_at is written once, never updated."""
-    all_columns = (*columns, "created_at", "updated_at")
-    head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in all_columns)}) VALUES "
-    updates = [f"`{c}` = VALUES(`{c}`)" for c in all_columns if c not in (table.key, "created_at")]
+def statement_frame(table: Table, shape: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """INSERT head and ON DUPLICATE KEY UPDATE tail for rows that carry the optional fields
+    `shape`. Only the columns a row carries are updated, each only by a newer version: the
+    required ones and updated_at by a newer row_version, an optional one by a newer version
+    of its own. created_at is the earliest. MySQL assigns left to right, each assignment
+    seeing the ones before: the versions come last."""
+    columns = (*table.required, *shape, "created_at", "updated_at", "row_version",
+               *(f"{name}_version" for name in shape))
+    head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in columns)}) VALUES "
+    newer = "VALUES(row_version) > row_version"
+    updates = [f"`{c}` = IF({newer}, VALUES(`{c}`), `{c}`)" for c in (*table.required, "updated_at") if c != table.key]
+    for name in shape:
+        updates.append(f"`{name}` = IF(VALUES({name}_version) > {name}_version, VALUES(`{name}`), `{name}`)")
+        updates.append(f"{name}_version = GREATEST({name}_version, VALUES({name}_version))")
+    updates += ["created_at = LEAST(created_at, VALUES(created_at))", "row_version = GREATEST(row_version, VALUES(row_version))"]
     return head.encode(), (" ON DUPLICATE KEY UPDATE " + ", ".join(updates)).encode()
 
 
@@ -208,20 +224,20 @@ class Statement(NamedTuple):
     count_new: str | None  # the same as count_in when no row was stored before, without reading them
 
 
-def with_counts(table: Table, sql: bytes, entries: list[Entry], keys: list[str]) -> Statement:
+def with_counts(table: Table, sql: bytes, entries: list[Entry], keys: list[str], shard: int) -> Statement:
     if table is not TASKS:
         return Statement(sql, None, None, None)
     where = f"{table.key} IN ({','.join(keys)})"
-    return Statement(sql, count_out_sql(where), count_in_sql(where), count_new_tasks_sql(entries))
+    return Statement(sql, count_out_sql(where, shard), count_in_sql(where, shard), count_new_tasks_sql(entries, shard))
 
 
-def count_new_tasks_sql(entries: list[Entry]) -> str:
+def count_new_tasks_sql(entries: list[Entry], shard: int) -> str:
     """count_in for tasks that did not exist: their stored state is the one written, with
     the accept time as created_at and no duration_ms unless the row carries one."""
-    counts: dict[tuple[str, str, datetime], list[int]] = {}
+    counts: dict[tuple[str, str, datetime, int], list[int]] = {}
     for entry in entries:
         row = entry.row
-        n = counts.setdefault((row.session_id, row.status, hour_floor(entry.created_at)), [0, 0, 0])
+        n = counts.setdefault((row.session_id, row.status, hour_floor(entry.created_at), shard), [0, 0, 0])
         n[0] += 1
         if row.duration_ms is not UNSET and row.duration_ms is not None:
             n[1] += row.duration_ms
@@ -230,14 +246,16 @@ def count_new_tasks_sql(entries: list[Entry]) -> str:
             + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items()) + ADD_COUNTS)
 
 
-def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATEMENT_MAX_BYTES) -> list[Statement]:
+def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATEMENT_MAX_BYTES,
+                      shard: int = 0) -> list[Statement]:
     """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
     STATEMENT_MAX_ROWS rows and `max_bytes` bytes of values each (UTF-8, as the server
-    counts its max_allowed_packet: an emoji is one character and 4 bytes)."""
+    counts its max_allowed_packet: an emoji is one character and 4 bytes); tasks counted in
+    task_counts' `shard`."""
     statements = []
     for shape, group in group_by_shape(table, entries).items():
         columns = table.required + shape
-        head, tail = statement_frame(table, columns)
+        head, tail = statement_frame(table, shape)
         values_of = operator.attrgetter(*columns)
         convert = converters(columns)
         values: list[bytes] = []
@@ -245,25 +263,26 @@ def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATE
         keys: list[str] = []
         size = 0
         for entry in group:
-            row = [*values_of(entry.row), time_text(entry.created_at), time_text(entry.updated_at)]
+            row = [*values_of(entry.row), time_text(entry.created_at), time_text(entry.updated_at),
+                   *version_values(entry, shape)]
             for i, to_text in convert:
                 if row[i] is not None:
                     row[i] = to_text(row[i])
             literal = row_literal(row)
             if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > max_bytes:
-                statements.append(with_counts(table, head + b",".join(values) + tail, part, keys))
+                statements.append(with_counts(table, head + b",".join(values) + tail, part, keys, shard))
                 values, part, keys, size = [], [], [], 0
             values.append(literal)
             part.append(entry)
             keys.append(sql_value(row[0]))
             size += len(literal) + 1
         if values:
-            statements.append(with_counts(table, head + b",".join(values) + tail, part, keys))
+            statements.append(with_counts(table, head + b",".join(values) + tail, part, keys, shard))
     return statements
 
 
 async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
-                 max_bytes: int = STATEMENT_MAX_BYTES) -> None:
+                 max_bytes: int = STATEMENT_MAX_BYTES, shard: int = 0) -> None:
     """Building the statements is mostly Python, ~4-7 µs a row. It runs in a worker thread,
     STATEMENT_MAX_ROWS rows at a time, while the previous statements execute: the
     database never waits for the next one, and on the event loop request handlers (each
@@ -276,7 +295,7 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
         async with statements:
             for i in range(0, len(entries), STATEMENT_MAX_ROWS):
                 part = entries[i:i + STATEMENT_MAX_ROWS]
-                for statement in await trio.to_thread.run_sync(upsert_statements, table, part, max_bytes):
+                for statement in await trio.to_thread.run_sync(upsert_statements, table, part, max_bytes, shard):
                     await statements.send(statement)
 
     try:
@@ -303,12 +322,12 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
 
 
 async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
-                           max_bytes: int = STATEMENT_MAX_BYTES) -> list[tuple[Entry, str]]:
+                           max_bytes: int = STATEMENT_MAX_BYTES, shard: int = 0) -> list[tuple[Entry, str]]:
     """upsert(), keeping out the rows the database refuses for what they hold. A refused
     statement is undone alone and the transaction goes on, so the rows are tried again
     in halves until each refused row stands alone. Returns those with the reason."""
     try:
-        await upsert(conn, table, entries, max_bytes)
+        await upsert(conn, table, entries, max_bytes, shard)
         return []
     except trio_mysql.MySQLError as exc:
         if not (exc.args and exc.args[0] in ROW_REFUSED):
@@ -316,11 +335,12 @@ async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: l
         if len(entries) == 1:
             return [(entries[0], f"{exc.args[0]}: {exc.args[1]}")]
     half = len(entries) // 2
-    return (await upsert_isolating(conn, table, entries[:half], max_bytes)
-            + await upsert_isolating(conn, table, entries[half:], max_bytes))
+    return (await upsert_isolating(conn, table, entries[:half], max_bytes, shard)
+            + await upsert_isolating(conn, table, entries[half:], max_bytes, shard))
 
 
-async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot, max_bytes: int = STATEMENT_MAX_BYTES) -> Written:
+async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot, max_bytes: int = STATEMENT_MAX_BYTES,
+                         shard: int = 0) -> Written:
     """One transaction: sessions, then the tasks whose session exists. Returns the counts
     written, the tasks held back because their session is not in the database, and the
     rows the database refused."""
@@ -334,7 +354,7 @@ async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot, max_by
                 + ",".join(map(sql_value, missing)) + ") LOCK IN SHARE MODE")
             missing -= {session_id for (session_id,) in await cursor.fetchall()}
     tasks, held = split_held(snapshot, missing)
-    refused_tasks = await upsert_isolating(conn, TASKS, tasks, max_bytes)
+    refused_tasks = await upsert_isolating(conn, TASKS, tasks, max_bytes, shard)
     await conn.query("COMMIT")
     return written(snapshot, tasks, held, refused_sessions, refused_tasks)
 
@@ -350,23 +370,58 @@ async def ensure_schema(conn: trio_mysql.Connection, schema: str) -> None:
         await conn.query(sql)
 
 
-async def ensure_counts(conn: trio_mysql.Connection) -> float | None:
+ER_DUP_FIELDNAME, ER_MULTIPLE_PRI_KEY = 1060, 1068
+
+
+async def migrate(conn: trio_mysql.Connection) -> list[str]:
+    """Adds what a database created by persistd 1.0 lacks: the version columns (0: older
+    than any write) and task_counts' shard (0). ADD COLUMN is instant in InnoDB; task_counts'
+    new primary key rebuilds it, a row a bucket. Another instance migrating at the same time
+    is no error. Returns the columns added."""
+    present = {(r["t"], r["c"]) for r in await fetch(
+        conn, "SELECT table_name AS t, column_name AS c FROM information_schema.columns WHERE table_schema = DATABASE()")}
+    added = []
+    try:
+        for table in (SESSIONS, TASKS):
+            if missing := [c for c in version_columns(table) if (table.name, c) not in present]:
+                await conn.query(f"ALTER TABLE {table.name} "
+                                 + ", ".join(f"ADD COLUMN {c} BIGINT UNSIGNED NOT NULL DEFAULT 0" for c in missing))
+                added += [f"{table.name}.{c}" for c in missing]
+        if ("task_counts", "shard") not in present:
+            await conn.query("ALTER TABLE task_counts ADD COLUMN shard SMALLINT UNSIGNED NOT NULL DEFAULT 0,"
+                             " DROP PRIMARY KEY, ADD PRIMARY KEY (session_id, status, created_hour, shard)")
+            added.append("task_counts.shard")
+    except trio_mysql.OperationalError as exc:
+        if exc.args[0] not in (ER_DUP_FIELDNAME, ER_MULTIPLE_PRI_KEY):
+            raise
+        return added + await migrate(conn)
+    return added
+
+
+async def clock_offset(conn: trio_mysql.Connection) -> float:
+    """The server's clock minus ours, in seconds, read halfway through the round trip."""
+    before = time.time()
+    server = (await fetch_one(conn, "SELECT UNIX_TIMESTAMP(NOW(6)) AS t"))["t"]
+    return float(server) - (before + time.time()) / 2
+
+
+async def ensure_counts(conn: trio_mysql.Connection, shard: int) -> float | None:
     """Counts the tasks when task_counts is empty while tasks exist: it was just created for
     a database from before it, a recount was cut short, or an operator emptied it to have
     it recounted. Returns the seconds it took, None when there was nothing to count."""
     if not await count(conn, EMPTY_COUNTS):
         return None
     started = trio.current_time()
-    await recount_tasks(conn)
+    await recount_tasks(conn, shard)
     return trio.current_time() - started
 
 
-async def recount_tasks(conn: trio_mysql.Connection) -> None:
-    """task_counts anew from the tasks, in one transaction. It reads every task (duration_ms
-    is in no index): 4.5 s for a million here, with the buffer pool cold."""
+async def recount_tasks(conn: trio_mysql.Connection, shard: int) -> None:
+    """task_counts anew from the tasks, in one transaction, all in `shard`. It reads every
+    task (duration_ms is in no index): 4.5 s for a million here, with the buffer pool cold."""
     await conn.query("BEGIN")
     await conn.query("DELETE FROM task_counts")
-    await conn.query(RECOUNT_TASKS)
+    await conn.query(count_in_sql("TRUE", shard))
     await conn.query("COMMIT")
 
 
@@ -412,7 +467,7 @@ async def unfinished_tasks(conn: trio_mysql.Connection, session_id: str) -> list
         return [task.encode() for (task,) in await cursor.fetchall()]
 
 
-async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> int:
+async def delete_tasks(conn: trio_mysql.Connection, shard: int, where: str, *args: Any) -> int:
     """Deletes the tasks that match `where`, DELETE_CHUNK_ROWS at a time until none is left.
     Each chunk is a transaction that locks its tasks, takes them out of task_counts and
     deletes them: concurrent writes wait at most one chunk, and every commit leaves the
@@ -426,14 +481,15 @@ async def delete_tasks(conn: trio_mysql.Connection, where: str, *args: Any) -> i
             ids = [task_id for (task_id,) in await cursor.fetchall()]
         if ids:
             chunk = f"task_id IN ({','.join(map(sql_value, ids))})"
-            await conn.query(count_out_sql(chunk))
+            await conn.query(count_out_sql(chunk, shard))
             deleted += await conn.query(f"DELETE FROM translation_tasks WHERE {chunk}")
         await conn.query("COMMIT")
         if len(ids) < DELETE_CHUNK_ROWS:
             return deleted
 
 
-async def delete_session(conn: trio_mysql.Connection, session_id: str, buffered_tasks: list[str]) -> tuple[bool, int]:
+async def delete_session(conn: trio_mysql.Connection, shard: int, session_id: str,
+                         buffered_tasks: list[str]) -> tuple[bool, int]:
     """Deletes a session and its tasks. Returns whether the session was stored and how many
     tasks are gone: the stored ones and the buffered ones that were never written."""
     unwritten = set(buffered_tasks)
@@ -441,13 +497,13 @@ async def delete_session(conn: trio_mysql.Connection, session_id: str, buffered_
         chunk = buffered_tasks[i:i + DELETE_CHUNK_ROWS]
         unwritten -= {r["task_id"] for r in await fetch(
             conn, "SELECT task_id FROM translation_tasks WHERE task_id IN %s", chunk)}
-    deleted = await delete_tasks(conn, "session_id = %s", session_id)
+    deleted = await delete_tasks(conn, shard, "session_id = %s", session_id)
     async with conn.cursor() as cursor:
         existed = await cursor.execute("DELETE FROM translation_sessions WHERE session_id = %s", (session_id,))
     return bool(existed), deleted + len(unwritten)
 
 
-async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime], dry_run: bool,
+async def cleanup(conn: trio_mysql.Connection, shard: int, cutoffs: tuple[datetime, datetime], dry_run: bool,
                   stop: trio.Event | None = None) -> tuple[int, int]:
     """Deletes expired sessions with their tasks, CLEANUP_CHUNK_SESSIONS sessions and
     DELETE_CHUNK_ROWS tasks at a time, until none is left or `stop` is set. A dry run
@@ -462,13 +518,14 @@ async def cleanup(conn: trio_mysql.Connection, cutoffs: tuple[datetime, datetime
                   f" ORDER BY session_id LIMIT {CLEANUP_CHUNK_SESSIONS}", *cutoffs)]
         if not ids:
             return sessions, tasks
-        tasks += await delete_tasks(conn, "session_id IN %s", ids)
+        tasks += await delete_tasks(conn, shard, "session_id IN %s", ids)
         async with conn.cursor() as cursor:
             sessions += await cursor.execute("DELETE FROM translation_sessions WHERE session_id IN %s", (ids,))
     return sessions, tasks
 
 
-async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
+async def reconcile(conn: trio_mysql.Connection, shard: int, after: str | None, sessions: int,
+                    tasks: int) -> tuple[str | None, int]:
     """One slice of the reconciliation (Store.reconcile). Its counts and tasks are first
     compared in one consistent snapshot, without locks (a flush commits tasks and counts
     together, so only drift makes them differ): a concurrent flush never waits and never
@@ -493,7 +550,7 @@ async def reconcile(conn: trio_mysql.Connection, after: str | None, sessions: in
         repaired = drifted(kept, await fetch(conn, actual + " LOCK IN SHARE MODE"))
         if repaired:
             await conn.query(f"DELETE FROM task_counts WHERE session_id IN ({chunk})")
-            await conn.query(count_in_sql(f"session_id IN ({chunk})"))
+            await conn.query(count_in_sql(f"session_id IN ({chunk})", shard))
         await conn.query("COMMIT")
     return ids[-1], repaired
 
@@ -517,30 +574,55 @@ class Database:
     def __init__(self, cfg: DatabaseConfig) -> None:
         self.cfg = cfg
         self.params = parse_database_url(cfg.url)
+        self.hosts = self.params.pop("hosts")
+        self.current = 0  # the server that answered last: new connections try it first
         self._idle: list[trio_mysql.Connection] = []
         self._limiter = trio.CapacityLimiter(cfg.pool_size)
 
-    async def _open(self, **params: Any) -> trio_mysql.Connection:
-        conn = trio_mysql.connect(charset="utf8mb4", use_unicode=True, autocommit=True,
+    async def _open(self, host: str, port: int, **params: Any) -> trio_mysql.Connection:
+        conn = trio_mysql.connect(host=host, port=port, charset="utf8mb4", use_unicode=True, autocommit=True,
                                   init_command=SESSION_SETUP, **params)
         await conn.connect()
+        try:
+            await galera_setup(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def connect(self, *, create: bool = False) -> trio_mysql.Connection:
-        """A new connection; with `create`, the database is created when missing."""
-        with trio.fail_after(self.cfg.connect_timeout):
+        """A new connection to the first server that answers, starting from the one that
+        answered last, each given connect_timeout; with `create`, the database is created
+        when missing. An error that every server would give (a bad password) ends the round."""
+        failed: BaseException | None = None
+        for step in range(len(self.hosts)):
+            index = (self.current + step) % len(self.hosts)
             try:
-                return await self._open(**self.params)
-            except trio_mysql.OperationalError as exc:
-                if not create or exc.args[0] != ER_BAD_DB_ERROR:
+                with trio.fail_after(self.cfg.connect_timeout):
+                    conn = await self._connect_to(*self.hosts[index], create=create)
+            except DB_ERRORS as exc:
+                if not transient(exc):
                     raise
-            server = await self._open(**{**self.params, "database": None})
-            try:
-                name = self.params["database"].replace("`", "``")
-                await server.query(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-            finally:
-                server.close()
-            return await self._open(**self.params)
+                failed = exc
+                continue
+            self.current = index
+            return conn
+        assert failed is not None
+        raise failed
+
+    async def _connect_to(self, host: str, port: int, *, create: bool) -> trio_mysql.Connection:
+        try:
+            return await self._open(host, port, **self.params)
+        except trio_mysql.OperationalError as exc:
+            if not create or exc.args[0] != ER_BAD_DB_ERROR:
+                raise
+        server = await self._open(host, port, **{**self.params, "database": None})
+        try:
+            name = self.params["database"].replace("`", "``")
+            await server.query(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+        finally:
+            server.close()
+        return await self._open(host, port, **self.params)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> typing.AsyncIterator[trio_mysql.Connection]:
@@ -572,6 +654,26 @@ class Database:
             self._idle.pop().close()
 
 
+ER_UNKNOWN_COM_ERROR = 1047  # Galera: WSREP has not yet prepared the node for application use
+
+
+async def galera_setup(conn: trio_mysql.Connection) -> None:
+    """On a Galera node: one that is not ready (outside the primary component, still joining)
+    is refused like a server that is down, and every read waits until the node has applied
+    what other nodes committed before it (wsrep_sync_wait = 1: SELECT, SHOW and BEGIN), so a
+    read through any node sees every write acknowledged by a flush. Elsewhere nothing."""
+    async with conn.cursor() as cursor:
+        await cursor.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+        wsrep = await cursor.fetchone()
+        if wsrep is None or wsrep[1] != "ON":
+            return
+        await cursor.execute("SHOW STATUS LIKE 'wsrep_ready'")
+        ready = await cursor.fetchone()
+        if ready is None or ready[1] != "ON":
+            raise trio_mysql.OperationalError(ER_UNKNOWN_COM_ERROR, "Galera node not ready (wsrep_ready OFF)")
+        await conn.query("SET SESSION wsrep_sync_wait = 1")
+
+
 async def rows(conn: trio_mysql.Connection, query: Query) -> list[dict]:
     return await fetch(conn, query.sql, *query.args)
 
@@ -586,28 +688,44 @@ class MySQLStore(Reads):
     backend = "mysql"
     errors = DB_ERRORS
     unavailable = DB_UNAVAILABLE
-    rows, page, recount_tasks = staticmethod(rows), staticmethod(page), staticmethod(recount_tasks)
-    unfinished_tasks_of, delete_session_of = staticmethod(unfinished_tasks), staticmethod(delete_session)
+    rows, page, unfinished_tasks_of = staticmethod(rows), staticmethod(page), staticmethod(unfinished_tasks)
 
-    def __init__(self, cfg: DatabaseConfig) -> None:
+    def __init__(self, cfg: DatabaseConfig, instance: int = 0) -> None:
         self.cfg = cfg
+        self.shard = instance  # the task_counts rows this instance changes
         self.db = Database(cfg)
         self.schema = read_schema("mysql.sql")
         self.writer: trio_mysql.Connection | None = None
         self.statement_max_bytes = STATEMENT_MAX_BYTES  # and 3/4 of the server's max_allowed_packet
+        self.migrated: list[str] = []  # columns the last open() added
+        self.clock_offset = 0.0  # the server's clock minus ours, at the last open()
+
+    async def recount_tasks(self, conn: trio_mysql.Connection) -> None:
+        await recount_tasks(conn, self.shard)
+
+    async def delete_session_of(self, conn: trio_mysql.Connection, session_id: str,
+                                buffered_tasks: list[str]) -> tuple[bool, int]:
+        return await delete_session(conn, self.shard, session_id, buffered_tasks)
 
     def transient(self, exc: BaseException) -> bool:
         return transient(exc)
+
+    def conflict(self, exc: BaseException) -> bool:
+        """A deadlock, or on Galera a certification conflict with another node's commit
+        (which MariaDB reports as a deadlock too)."""
+        return isinstance(exc, trio_mysql.MySQLError) and bool(exc.args) and exc.args[0] == ER_LOCK_DEADLOCK
 
     async def open(self) -> None:
         """The writer's connection, with the database and its tables created when missing,
         and the server's max_allowed_packet, under which statements are cut. Bounded by
         connect+write timeout: a DDL waiting for a metadata lock is an outage."""
-        with trio.fail_after(self.cfg.connect_timeout + self.cfg.write_timeout):
+        with trio.fail_after(len(self.db.hosts) * self.cfg.connect_timeout + self.cfg.write_timeout):
             conn = await self.db.connect(create=True)
             try:
                 await ensure_schema(conn, self.schema)
+                self.migrated = await migrate(conn)
                 packet = await count(conn, "SELECT @@max_allowed_packet AS n")
+                self.clock_offset = await clock_offset(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -617,13 +735,13 @@ class MySQLStore(Reads):
     async def recount_if_needed(self) -> float | None:
         if self.writer is None:
             await self.open()
-        return await self._writing(ensure_counts)
+        return await self._writing(ensure_counts, self.shard)
 
     async def write(self, snapshot: Snapshot) -> Written:
         if self.writer is None:
             await self.open()
-            await self._writing(ensure_counts)
-        return await self._writing(write_snapshot, snapshot, self.statement_max_bytes)
+            await self._writing(ensure_counts, self.shard)
+        return await self._writing(write_snapshot, snapshot, self.statement_max_bytes, self.shard)
 
     async def _writing(self, fn: typing.Callable[..., typing.Awaitable[Any]], *args: Any) -> Any:
         """`fn` on the writer's connection; after any failure or cancellation it is closed."""
@@ -656,10 +774,10 @@ class MySQLStore(Reads):
 
     async def cleanup(self, cutoffs: tuple[datetime, datetime], dry_run: bool,
                       stop: trio.Event | None = None) -> tuple[int, int]:
-        return await self._act(cleanup, cutoffs, dry_run, stop)
+        return await self._act(cleanup, self.shard, cutoffs, dry_run, stop)
 
     async def reconcile(self, after: str | None, sessions: int, tasks: int) -> tuple[str | None, int]:
-        return await self._act(reconcile, after, sessions, tasks)
+        return await self._act(reconcile, self.shard, after, sessions, tasks)
 
     async def stats(self) -> Stats:
         """The two halves at once, on two pooled connections: about 5 ms each over a million tasks."""

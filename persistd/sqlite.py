@@ -27,7 +27,7 @@ from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_W
                               KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS,
                               TASKS, UNFINISHED, Query, Reads, Table, decode_json_columns, drifted, group_by_shape,
                               read_schema, reconcile_slice, sessions_after, split_held, stats_from,
-                              unknown_sessions, written)
+                              unknown_sessions, version_columns, version_values, written)
 
 # Primary result codes (the low byte of sqlite_errorcode) that say the file is busy, locked,
 # read-only, full or away for now: a flush failing with one is retried. Any other error (no
@@ -92,21 +92,42 @@ def page(conn: sqlite3.Connection, total: Query, rows: Query) -> tuple[int, list
     return count(conn, total), fetch(conn, rows.sql, rows.args)
 
 
-def upsert_sql(table: Table, columns: tuple[str, ...]) -> str:
-    """INSERT ... ON CONFLICT DO UPDATE of the columns a row carries; created_at is written
-    once, never updated."""
-    all_columns = (*columns, "created_at", "updated_at")
-    updates = ", ".join(f"{c} = excluded.{c}" for c in all_columns if c not in (table.key, "created_at"))
-    return (f"INSERT INTO {table.name} ({', '.join(all_columns)}) VALUES ({', '.join('?' * len(all_columns))})"
-            f" ON CONFLICT ({table.key}) DO UPDATE SET {updates}")
+def upsert_sql(table: Table, shape: tuple[str, ...]) -> str:
+    """INSERT ... ON CONFLICT DO UPDATE of the columns a row with the optional fields `shape`
+    carries, each only by a newer version, as in MySQL (persistd.mysql.statement_frame);
+    created_at is the earliest. SQLite's SET reads the row as it was before the update."""
+    columns = (*table.required, *shape, "created_at", "updated_at", "row_version", *(f"{n}_version" for n in shape))
+    newer = "excluded.row_version > row_version"
+    updates = [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {c} END"
+               for c in (*table.required, "updated_at") if c != table.key]
+    for name in shape:
+        updates += [f"{name} = CASE WHEN excluded.{name}_version > {name}_version THEN excluded.{name} ELSE {name} END",
+                    f"{name}_version = MAX({name}_version, excluded.{name}_version)"]
+    updates += ["created_at = MIN(created_at, excluded.created_at)", "row_version = MAX(row_version, excluded.row_version)"]
+    return (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({table.key}) DO UPDATE SET {', '.join(updates)}")
 
 
 def upsert(conn: sqlite3.Connection, table: Table, entries: list[Entry]) -> None:
     for shape, group in group_by_shape(table, entries).items():
         columns = table.required + shape
-        conn.executemany(upsert_sql(table, columns), [
-            (*[db_value(getattr(e.row, c)) for c in columns], seconds(e.created_at), seconds(e.updated_at))
+        conn.executemany(upsert_sql(table, shape), [
+            (*[db_value(getattr(e.row, c)) for c in columns], seconds(e.created_at), seconds(e.updated_at),
+             *version_values(e, shape))
             for e in group])
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Adds the version columns that a file created by persistd 1.0 lacks (0: older than
+    any write). Returns the columns added."""
+    added = []
+    for table in (SESSIONS, TASKS):
+        present = {row["name"] for row in fetch(conn, f"PRAGMA table_info({table.name})")}
+        for column in version_columns(table):
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table.name} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+                added.append(f"{table.name}.{column}")
+    return added
 
 
 def upsert_isolating(conn: sqlite3.Connection, table: Table, entries: list[Entry]) -> list[tuple[Entry, str]]:
@@ -296,9 +317,14 @@ class SQLiteStore(Reads):
         self._idle: list[sqlite3.Connection] = []
         self._limiter = trio.CapacityLimiter(cfg.pool_size)
         self._writer_limiter = trio.CapacityLimiter(1)
+        self.migrated: list[str] = []
+        self.clock_offset = 0.0  # one file, one instance: the versions compare its own times
 
     def transient(self, exc: BaseException) -> bool:
         return transient(exc)
+
+    def conflict(self, exc: BaseException) -> bool:
+        return False  # one writer at a time: a second waits for the lock (busy_timeout)
 
     def _connect(self, mode: str = "rw") -> sqlite3.Connection:
         """A connection in autocommit mode (transactions are BEGIN ... COMMIT here), with
@@ -318,6 +344,7 @@ class SQLiteStore(Reads):
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(self.schema)
+            self.migrated = migrate(conn)
         except BaseException:
             conn.close()
             raise

@@ -35,6 +35,9 @@ class Store(typing.Protocol):
     def transient(self, exc: BaseException) -> bool:
         """Whether retrying can help (an outage, a lock) or not (no privilege, a missing column)."""
 
+    def conflict(self, exc: BaseException) -> bool:
+        """Whether a concurrent transaction aborted this one (retried like any transient error)."""
+
     async def open(self) -> None:
         """Connects the writer and creates what is missing (the database, its tables)."""
 
@@ -108,6 +111,19 @@ def _table(name: str, key: str, row_type: type) -> Table:
 
 SESSIONS = _table("translation_sessions", "session_id", SessionIn)
 TASKS = _table("translation_tasks", "task_id", TaskIn)
+
+
+# Last-write-wins, kept by the database: each row carries the version of the latest write
+# (row_version) and, for each optional field, the version of the latest write that carried it
+# (<field>_version). An upsert changes a field only with a higher version, so an older write
+# flushed late (another instance's, a retry, a journal replay) changes nothing a newer one set.
+def version_columns(table: Table) -> tuple[str, ...]:
+    return ("row_version", *(f"{name}_version" for name in table.optional))
+
+
+def version_values(entry: Entry, shape: tuple[str, ...]) -> list[int]:
+    """What a row of `shape` writes into row_version and its fields' version columns."""
+    return [entry.version, *(entry.field_version(name) for name in shape)]
 
 
 def group_by_shape(table: Table, entries: typing.Iterable[Entry]) -> dict[tuple[str, ...], list[Entry]]:
@@ -190,8 +206,10 @@ TASK_COLUMNS = ("task_id, session_id, batch_id, sheet_name, row_index, column_na
                 " created_at, updated_at")
 INCOMPLETE_COLUMNS = ("session_id, filename, status, total_tasks, completed_tasks, failed_tasks, processing_tasks,"
                       " created_at, updated_at")  # only what §5.1 shows: decoding game_info was half its time
-SESSION_BY_ID = f"SELECT {SESSION_COLUMNS} FROM translation_sessions WHERE session_id = %s"
-TASK_BY_ID = f"SELECT {TASK_COLUMNS} FROM translation_tasks WHERE task_id = %s"
+# A single row, with its versions: the daemon lays the buffered states over it by version.
+SESSION_BY_ID = (f"SELECT {SESSION_COLUMNS}, {', '.join(version_columns(SESSIONS))} FROM translation_sessions"
+                 " WHERE session_id = %s")
+TASK_BY_ID = f"SELECT {TASK_COLUMNS}, {', '.join(version_columns(TASKS))} FROM translation_tasks WHERE task_id = %s"
 INCOMPLETE = (f"SELECT {INCOMPLETE_COLUMNS} FROM translation_sessions WHERE status IN ('pending', 'processing')"
               " ORDER BY created_at, session_id")
 SHEET_ORDER = "sheet_name, row_index, column_name, task_id"
@@ -207,8 +225,9 @@ CLEANUP_WHERE = ("(status = 'completed' AND updated_at < %s)"
 CLEANUP_DRY_RUN = (f"SELECT (SELECT COUNT(*) FROM translation_sessions WHERE {CLEANUP_WHERE}) AS sessions,"
                    " (SELECT COUNT(*) FROM translation_tasks WHERE session_id IN"
                    f" (SELECT session_id FROM translation_sessions WHERE {CLEANUP_WHERE})) AS tasks")
-KEPT_COUNTS = ("SELECT session_id, status, created_hour, tasks, duration_ms_sum, durations FROM task_counts"
-               " WHERE session_id IN ({ids})")
+# (On MySQL each instance keeps rows of its own, which add up: see persistd.mysql.)
+KEPT_COUNTS = ("SELECT session_id, status, created_hour, SUM(tasks) AS tasks, SUM(duration_ms_sum) AS duration_ms_sum,"
+               " SUM(durations) AS durations FROM task_counts WHERE session_id IN ({ids}) GROUP BY 1, 2, 3")
 SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at"}  # never request text in SQL
 ORDERS = {"asc": "ASC", "desc": "DESC"}
 TASK_STATS = ("SELECT status, SUM(tasks) AS n, SUM(duration_ms_sum) AS ms, SUM(durations) AS d"

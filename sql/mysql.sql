@@ -8,7 +8,11 @@
 -- The indexes extend the spec's: each of its idx_status, idx_session_id and
 -- idx_session_status is the prefix of a longer index below that also serves a list's order
 -- (issue 3). An index changed here reaches an existing database only by hand: the daemon
--- creates missing tables, it does not alter present ones.
+-- creates missing tables, and adds the columns below that persistd 1.0 did not have
+-- (persistd.mysql.MIGRATIONS), nothing else.
+--
+-- The *_version columns hold last-write-wins in the database (persistd.storage.version_columns):
+-- row_version is the latest write's, <field>_version the latest write's that carried <field>.
 
 CREATE TABLE IF NOT EXISTS translation_sessions (
     session_id VARCHAR(36) COLLATE utf8mb4_bin PRIMARY KEY COMMENT '会话ID',
@@ -24,6 +28,13 @@ CREATE TABLE IF NOT EXISTS translation_sessions (
     processing_tasks INT DEFAULT 0 COMMENT '处理中任务数',
     created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP COMMENT '创建时间',
     updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP COMMENT '更新时间',
+    row_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    game_info_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    metadata_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    total_tasks_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    completed_tasks_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    failed_tasks_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    processing_tasks_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
 
     INDEX idx_status_created (status, created_at),
     INDEX idx_status_updated (status, updated_at),
@@ -50,6 +61,15 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
     duration_ms INT COMMENT '耗时（毫秒）',
     created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP COMMENT '创建时间',
     updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP COMMENT '更新时间',
+    row_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    target_text_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    context_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    confidence_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    error_message_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    retry_count_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    start_time_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    end_time_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    duration_ms_version BIGINT UNSIGNED NOT NULL DEFAULT 0,
 
     FOREIGN KEY (session_id) REFERENCES translation_sessions(session_id) ON DELETE CASCADE,
     INDEX idx_batch_id (batch_id),
@@ -67,6 +87,10 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
 -- transaction that writes or deletes the tasks (issue 3): a list's `total` and the stats sum
 -- these rows instead of counting a million tasks. A start that finds it empty while tasks
 -- exist counts them: after tasks were written by other means, empty it and restart persistd.
+-- Each instance changes only the rows of its own `shard` (its instance id), so that instances
+-- flushing the same sessions at once do not conflict (on Galera: abort each other); a bucket is
+-- the sum of its shards' rows, and one row alone may be negative (tasks counted in by one
+-- instance and out by another).
 CREATE TABLE IF NOT EXISTS task_counts (
     session_id VARCHAR(36) COLLATE utf8mb4_bin NOT NULL,
     status VARCHAR(20) NOT NULL,
@@ -74,7 +98,8 @@ CREATE TABLE IF NOT EXISTS task_counts (
     tasks INT NOT NULL,
     duration_ms_sum BIGINT NOT NULL,  -- of the tasks with a duration_ms
     durations INT NOT NULL,           -- how many tasks have a duration_ms
-    PRIMARY KEY (session_id, status, created_hour),                             -- ?session_id
+    shard SMALLINT UNSIGNED NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, status, created_hour, shard),                      -- ?session_id
     FOREIGN KEY (session_id) REFERENCES translation_sessions(session_id) ON DELETE CASCADE,
     INDEX idx_status_hour (status, created_hour, tasks, duration_ms_sum, durations),  -- ?status, stats
     INDEX idx_hour (created_hour, tasks)                                        -- no filter, dates only

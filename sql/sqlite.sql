@@ -9,7 +9,9 @@
 -- * game_info and metadata hold JSON text; confidence is REAL (rounded to four decimals at
 --   the door, as DECIMAL(5,4) would).
 -- * task_counts is kept exact by triggers, whoever writes the tasks; in MySQL persistd
---   keeps it in the transaction that writes them.
+--   keeps it in the transaction that writes them, each instance in rows of its own (shard).
+-- * The *_version columns are MySQL's BIGINT UNSIGNED as INTEGER (a version fits 63 bits
+--   until 2091: see persistd.daemon.INSTANCE_BITS).
 
 CREATE TABLE IF NOT EXISTS translation_sessions (
     session_id TEXT NOT NULL PRIMARY KEY,
@@ -24,7 +26,14 @@ CREATE TABLE IF NOT EXISTS translation_sessions (
     failed_tasks INTEGER DEFAULT 0,
     processing_tasks INTEGER DEFAULT 0,
     created_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
-    updated_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER))
+    updated_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
+    row_version INTEGER NOT NULL DEFAULT 0,
+    game_info_version INTEGER NOT NULL DEFAULT 0,
+    metadata_version INTEGER NOT NULL DEFAULT 0,
+    total_tasks_version INTEGER NOT NULL DEFAULT 0,
+    completed_tasks_version INTEGER NOT NULL DEFAULT 0,
+    failed_tasks_version INTEGER NOT NULL DEFAULT 0,
+    processing_tasks_version INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idx_sessions_status_created ON translation_sessions (status, created_at);
 -- created_at too: the stats' average session time reads this index alone (issue 11's read bench)
@@ -50,7 +59,16 @@ CREATE TABLE IF NOT EXISTS translation_tasks (
     end_time INTEGER,
     duration_ms INTEGER,
     created_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
-    updated_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER))
+    updated_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
+    row_version INTEGER NOT NULL DEFAULT 0,
+    target_text_version INTEGER NOT NULL DEFAULT 0,
+    context_version INTEGER NOT NULL DEFAULT 0,
+    confidence_version INTEGER NOT NULL DEFAULT 0,
+    error_message_version INTEGER NOT NULL DEFAULT 0,
+    retry_count_version INTEGER NOT NULL DEFAULT 0,
+    start_time_version INTEGER NOT NULL DEFAULT 0,
+    end_time_version INTEGER NOT NULL DEFAULT 0,
+    duration_ms_version INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS idx_tasks_batch_id ON translation_tasks (batch_id);
 CREATE INDEX IF NOT EXISTS idx_tasks_created_at ON translation_tasks (created_at, task_id);

@@ -117,15 +117,17 @@ def clean_environ(**extra: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def persistd_process(tmp_path, command: list[str] = PERSISTD, env: dict | None = None, **sections):
+async def persistd_process(tmp_path, command: list[str] = PERSISTD, env: dict | None = None, port: int | None = None,
+                           **sections):
     """`python -m persistd --config <tmp>/persistd.toml` on a free port, healthy.
 
     `sections` are merged over the defaults of process_config(), key by key (e.g.
     `database={"url": proxy.url()}`). The state dir is `<tmp_path>/state`, so starting again
     with the same tmp_path finds what the previous process left there; the log
     (`<tmp_path>/persistd.log`) is appended to, one start after the other. `command` runs
-    another persistd (an installed wheel's), `env` replaces the environment."""
-    port = free_port()
+    another persistd (an installed wheel's), `env` replaces the environment, `port` is one
+    to listen on instead of a free one (a restart behind a load balancer)."""
+    port = port or free_port()
     cfg, config_path = process_config(tmp_path, port, sections)
     log_path = tmp_path / "persistd.log"
     with open(log_path, "ab") as log:

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import KEPT_COUNTS, MYSQL_URL, SESSION_ID, MysqlDb, make_config, mysql_only, running, session, task
 from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, persistd_process, process_config
 from proxy import tcp_proxy
-from persistd.daemon import (BATCH_KINDS, RECORD, Buffer, BufferConfig, DatabaseConfig, Journal, JournalConfig,
-                             decode_batch, micros, overlay)
+from persistd.daemon import (BATCH_KINDS, RECORD, VERSION_FIELD, Buffer, BufferConfig, DatabaseConfig, Journal,
+                             JournalConfig, decode_batch, micros, overlay, version_of)
 from persistd.mysql import Database, upsert, write_snapshot
 from persistd.storage import TASKS
 
@@ -42,8 +42,11 @@ def journal_at(path, mode: str = "fsync") -> Journal:
     return journal
 
 
+VERSION_AT = VERSION_FIELD.pack(version_of(micros(AT), 0))
+
+
 def append(journal: Journal, seq: int, key: str, rows: list[dict]) -> None:
-    journal.commit([(seq, BATCH_KINDS[key], (micros(AT), body(key, rows)))], None)
+    journal.commit([(seq, BATCH_KINDS[key], (VERSION_AT, body(key, rows)))], None)
 
 
 def replayed(journal: Journal, at: datetime = AT) -> list[tuple[int, list[str]]]:
@@ -465,9 +468,9 @@ class Node:
     def accept(self, rows: list[dict]) -> None:
         self.listen()
         data = body("tasks", rows)
-        seq = self.buf.write("tasks", decode_batch("tasks", data), AT, 0.0, len(data))
+        seq, version = self.buf.write("tasks", decode_batch("tasks", data), micros(AT), 0.0, len(data))
         self.buf.journaled(seq, len(data))
-        self.journal.commit([(seq, BATCH_KINDS["tasks"], (micros(AT), data))], None)  # durable: acknowledged
+        self.journal.commit([(seq, BATCH_KINDS["tasks"], (VERSION_FIELD.pack(version), data))], None)  # acknowledged
 
     def take(self) -> None:
         self.buf.draining = True  # everything is due at once

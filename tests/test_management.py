@@ -109,7 +109,7 @@ async def test_each_chunk_of_a_delete_takes_its_tasks_out_of_task_counts(db):
         trow(f"t{i:05}", status=("pending", "completed")[i % 2], duration_ms=i if i % 3 else None,
              created_at=BASE + timedelta(minutes=i)) for i in range(n)] + [trow("o1", "other", created_at=BASE)])
     async with db.store.db.connection() as conn:
-        assert await delete_tasks(conn, "session_id = %s AND task_id < %s", SESSION_ID, "t05500") == 5500
+        assert await delete_tasks(conn, 0, "session_id = %s AND task_id < %s", SESSION_ID, "t05500") == 5500
     await db.assert_counts_exact()
     assert await task_count(db, SESSION_ID) == n - 5500
 

@@ -466,7 +466,13 @@ def test_environment_overrides_database_url_and_port(tmp_path):
     cfg = load_config(str(path), {"PERSISTD_PORT": "9100", "PERSISTD_DATABASE_URL": "mysql://u:p%40ss@db:3307/name"})
     assert cfg.server.port == 9100
     assert parse_database_url(cfg.database.url) == {
-        "host": "db", "port": 3307, "user": "u", "password": "p@ss", "database": "name"}
+        "hosts": [("db", 3307)], "user": "u", "password": "p@ss", "database": "name"}
+
+
+def test_a_database_url_may_name_several_servers():
+    """A Galera cluster's nodes, tried in this order; a port left out is 3306."""
+    assert parse_database_url("mysql://u:pw@a:3311,b,[::1]:3313/name") == {
+        "hosts": [("a", 3311), ("b", 3306), ("::1", 3313)], "user": "u", "password": "pw", "database": "name"}
 
 
 @pytest.mark.parametrize(("text", "env"), [

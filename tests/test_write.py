@@ -18,7 +18,7 @@ import trio.testing
 from conftest import SESSION_ID, BufferAlone, Raw, make_config, mysql_only, raw_request, running, session, task
 from persistd.daemon import (
     RETRY_BASE_S, SNAPSHOT_MAX_ROWS, Admit, Buffer, BufferConfig, Claim, Entry, Drain, Failed, Fatal, Flush,
-    FlushWaiter, LetGo, SessionIn, TaskIn, Write, Written,
+    FlushWaiter, LetGo, SessionIn, TaskIn, Write, Written, micros,
 )
 from persistd.mysql import upsert
 from persistd.storage import TASKS
@@ -493,6 +493,7 @@ async def test_a_start_counts_the_tasks_when_task_counts_is_empty_and_trusts_it_
 # ── the buffer actor's timing, alone, under the autojump clock ───────────────────────
 
 AT = datetime(2025, 9, 30, 10, 0, tzinfo=timezone.utc)
+AT_US = micros(AT)
 
 
 def task_rows(n, **fields):
@@ -639,10 +640,16 @@ async def test_a_flush_refused_for_good_stops_the_buffer_and_dead_letters_its_ro
 
 
 async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_path, nursery, autojump_clock):
+    """Held tasks go with a snapshot every flush_interval, to find their session written
+    meanwhile (by another instance); here it never is."""
     h = BufferAlone(tmp_path, orphan_ttl=100).start(nursery)
+
+    async def flusher_without_their_session():
+        async for job in h.jobs:
+            await h.to_buffer.send(Written(0, 0, list(job.snapshot.tasks.values()), []))
+
+    nursery.start_soon(flusher_without_their_session)
     await h.accept("tasks", task_rows(2), AT)
-    await h.jobs.receive()
-    await h.to_buffer.send(Written(0, 0, [Entry(row, AT, AT, 1) for row in task_rows(2)], []))
     await trio.sleep(99)
     assert not (tmp_path / "dead.jsonl").exists()
     await trio.sleep(12)
@@ -677,19 +684,19 @@ async def test_a_dead_letter_write_that_blocks_leaves_the_event_loop_answering(d
 
 def test_held_tasks_move_to_pending_when_their_session_arrives():
     buf = Buffer(BufferConfig())
-    buf.write("tasks", task_rows(2), AT, 0.0, 0)
+    buf.write("tasks", task_rows(2), AT_US, 0.0, 0)
     snapshot = buf.take_snapshot(10.0)
     assert snapshot is not None
     buf.written(0, 0, list(snapshot.tasks.values()), 10.0)
     assert buf.held_count() == 2 and not buf.tasks
-    buf.write("sessions", [msgspec.convert(session(), SessionIn)], AT, 11.0, 0)
+    buf.write("sessions", [msgspec.convert(session(), SessionIn)], AT_US, 11.0, 0)
     assert buf.held_count() == 0 and set(buf.tasks) == {"t0", "t1"}
 
 
 def test_buffer_refuses_what_would_pass_max_rows():
     buf = Buffer(BufferConfig(max_rows=1000))
     assert buf.has_room(1000, 0)
-    buf.write("tasks", task_rows(600), AT, 0.0, 0)
+    buf.write("tasks", task_rows(600), AT_US, 0.0, 0)
     assert not buf.has_room(401, 0)
     assert buf.has_room(400, 0)  # 600 rows are below the low watermark (80 %)
 
@@ -698,7 +705,7 @@ def test_once_full_the_buffer_refuses_until_below_the_low_watermark():
     """Clients back off instead of squeezing a batch into every gap a flush opens, and a
     buffer over its limit flushes at once instead of after flush_interval."""
     buf = Buffer(BufferConfig(max_rows=1000))
-    buf.write("tasks", task_rows(900), AT, 0.0, 0)
+    buf.write("tasks", task_rows(900), AT_US, 0.0, 0)
     assert not buf.has_room(101, 0)
     assert not buf.has_room(50, 0)  # 950 would fit, but 900 is above 800
     snapshot = buf.take_snapshot(0.0)  # due now, though flush_interval has not passed
@@ -710,8 +717,8 @@ def test_once_full_the_buffer_refuses_until_below_the_low_watermark():
 
 def test_buffered_bytes_are_limited_too():
     buf = Buffer(BufferConfig(max_rows=100_000, max_bytes=2_000_000))
-    buf.write("tasks", task_rows(1000), AT, 0.0, 1_000_000)
-    buf.write("tasks", task_rows(1000), AT, 0.0, 1_000_000)  # the same rows again: merged, not added
+    buf.write("tasks", task_rows(1000), AT_US, 0.0, 1_000_000)
+    buf.write("tasks", task_rows(1000), AT_US, 0.0, 1_000_000)  # the same rows again: merged, not added
     assert buf.bytes == 1_000_000
     assert not buf.has_room(1, 1_000_001)
     assert buf.take_snapshot(0.0) is not None  # over the limit: due now
@@ -740,7 +747,7 @@ def test_a_flush_takes_at_most_snapshot_max_rows_tasks_and_flush_waits_for_all()
     buf = Buffer(BufferConfig(max_rows=100_000))
     rows = [msgspec.convert(task(f"t{i}"), TaskIn) for i in range(2 * SNAPSHOT_MAX_ROWS + 500)]
     for start in range(0, len(rows), 1000):
-        buf.write("tasks", rows[start:start + 1000], AT, 0.0, 0)
+        buf.write("tasks", rows[start:start + 1000], AT_US, 0.0, 0)
     waiter = FlushWaiter(trio.open_memory_channel(1)[0])
     assert buf.request_flush(waiter)
     sizes, answered = [], []
@@ -772,9 +779,9 @@ def test_the_journal_floor_is_the_oldest_write_any_unwritten_row_still_needs():
         if op < 0.45:
             sid = f"s{rng.randrange(5)}"
             rows = [msgspec.convert(task(f"t{rng.randrange(60)}", sid), TaskIn) for _ in range(rng.randrange(1, 8))]
-            buf.write("tasks", rows, AT, now, 100 * len(rows))
+            buf.write("tasks", rows, AT_US, now, 100 * len(rows))
         elif op < 0.55:
-            buf.write("sessions", [msgspec.convert(session(f"s{rng.randrange(5)}"), SessionIn)], AT, now, 100)
+            buf.write("sessions", [msgspec.convert(session(f"s{rng.randrange(5)}"), SessionIn)], AT_US, now, 100)
         elif op < 0.8 and buf.take_snapshot(now + 100) is not None:
             flushed = buf.in_flight
             held = [e for e in flushed.tasks.values() if rng.random() < 0.3]
@@ -854,7 +861,7 @@ async def test_a_batch_given_room_is_taken_even_while_later_ones_wait(tmp_path, 
     waiting, _ = trio.open_memory_channel(1)
     await h.to_buffer.send(Admit("tasks", 15_000, waiting))
     rows = [msgspec.convert(task(f"u{i}"), TaskIn) for i in range(100)]
-    assert await h.ask(Write, "tasks", rows, b"x" * 15_000, AT, claim) is True
+    assert await h.ask(Write, "tasks", rows, b"x" * 15_000, AT_US, claim) is True
 
 
 async def test_the_room_of_a_request_that_stopped_waiting_is_not_kept(tmp_path, nursery, autojump_clock):
