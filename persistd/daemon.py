@@ -145,6 +145,9 @@ RETRY_AFTER_MAX_S = 30
 MIN_ROW_BYTES = {"sessions": 80, "tasks": 120}
 ROW_BYTES_BATCHES = 16  # the last batches whose bytes a row estimate the next one's rows
 RETRY_BASE_S = 0.25  # first retry after a failed flush; doubles up to [buffer] retry_max
+# /health is degraded once this many flush attempts in a row failed: one failure alone is what
+# a failover to another server costs (the lost connection; the retry goes to the next one).
+DEGRADED_AFTER_FAILED_FLUSHES = 2
 ORPHAN_SWEEP_MAX_S = 60.0
 STATUS_EVERY_S = 5.0  # systemd's STATUS= line is refreshed this often (and at half WatchdogSec)
 BACKPRESSURE_QUIET_S = 10.0  # a backpressure episode ends once no batch was refused for this long
@@ -3162,7 +3165,7 @@ def create_app(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any, metri
     async def health() -> Response:
         status = await ask(Status)
         db_ok = await ping()
-        healthy = db_ok and status.last_error is None
+        healthy = db_ok and status.failures < DEGRADED_AFTER_FAILED_FLUSHES
         return json_response(200 if healthy else 503, Health(
             "healthy" if healthy else "degraded", "healthy" if db_ok else "unhealthy",
             status.health, int(time.monotonic() - started), VERSION, store.backend))

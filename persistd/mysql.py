@@ -638,12 +638,15 @@ class Database:
             self._idle.append(conn)
 
     async def ping(self) -> None:
-        """Raises what the database answered, or trio.TooSlowError after ping_timeout."""
+        """Raises what the database answered, or trio.TooSlowError after ping_timeout. DO,
+        unlike SELECT, does not wait for wsrep_sync_wait: while a Galera cluster evicts a
+        lost node (seconds) the others still answer it at once; a node outside the primary
+        component refuses it (1047)."""
         with trio.fail_after(self.cfg.ping_timeout):
             for attempt in range(2):  # a pooled connection may have died with an outage
                 try:
                     async with self.connection() as conn:
-                        await conn.query("SELECT 1")
+                        await conn.query("DO 1")
                     return
                 except DB_ERRORS:
                     if attempt:

@@ -145,8 +145,8 @@ class Db:
     """What every test's database offers, whichever the backend: query(), insert() and the
     check that the kept task counts are exact."""
 
-    def __init__(self, backend: str, tmp_path) -> None:
-        self.impl = MysqlDb() if backend == "mysql" else SqliteDb(tmp_path / "persistd.db")
+    def __init__(self, backend: str, tmp_path, url: str = MYSQL_URL) -> None:
+        self.impl = MysqlDb(url) if backend == "mysql" else SqliteDb(tmp_path / "persistd.db")
         self.backend, self.url, self.store = self.impl.backend, self.impl.url, self.impl.store
 
     async def query(self, sql: str, *args):

@@ -107,6 +107,7 @@ def process_config(tmp_path, port: int, sections: dict) -> tuple[dict, str]:
     }
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / "persistd.toml"
     config_path.write_text(toml(cfg))
     return cfg, str(config_path)

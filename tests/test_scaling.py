@@ -9,6 +9,7 @@ overwrites a newer one."""
 import contextlib
 import re
 import signal
+import socket
 import typing
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -18,8 +19,8 @@ import msgspec
 import pytest
 import trio
 
-from cluster import HAProxy
-from conftest import SESSION_ID, make_config, mysql_only, running, session, task
+from cluster import GaleraCluster, HAProxy
+from conftest import MYSQL_URL, SESSION_ID, Db, make_config, mysql_only, running, session, task
 from processes import free_port, persistd_process
 from persistd.daemon import (INSTANCE_BITS, Buffer, BufferConfig, Entry, SessionIn, Snapshot, TaskIn, combine, micros,
                              version_of)
@@ -284,8 +285,6 @@ async def requests_by_server(proxy: HAProxy) -> dict[str, int]:
 @mysql_only
 @pytest.mark.parametrize("count", [2, 3])
 async def test_writes_spread_over_instances_end_at_their_last_acknowledged_write(db, tmp_path, count):
-    for i in range(count):
-        (tmp_path / f"instance{i}").mkdir()
     async with instances_behind_haproxy(tmp_path, count, buffer={"flush_interval": 0.3}) as (proxy, instances, _):
         writers = [Writer(n) for n in range(6)]
         async with trio.open_nursery() as nursery:
@@ -305,8 +304,6 @@ async def test_an_instance_killed_and_replayed_after_newer_writes_loses_nothing_
     through the others, whose newer writes are flushed; then it starts again on its state,
     replays its older writes and flushes them: every task ends at its last acknowledged
     write, those written only through the dead instance included."""
-    for i in range(count):
-        (tmp_path / f"instance{i}").mkdir()
     holding = {"flush_interval": 30, "flush_rows": 100_000}
     async with contextlib.AsyncExitStack() as stack:
         ports = [free_port() for _ in range(count)]
@@ -338,3 +335,106 @@ async def test_an_instance_killed_and_replayed_after_newer_writes_loses_nothing_
             replayed = re.findall(r"journal replayed: (\d+) rows", again.log())
             assert replayed and int(replayed[-1]) >= 3 * only_first.tasks, again.log()[-2000:]
     await assert_every_task_at_its_last_acknowledged_write(db, [only_first, *writers])
+
+
+# ── Galera, and servers to fail over to ──────────────────────────────────────────────
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1 (a Galera cluster's)."""
+    for base in range(13_300, 20_000, 50):
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise AssertionError("no block of free ports")
+
+
+@mysql_only
+async def test_the_flusher_and_the_readers_go_to_the_next_server_when_one_is_down(db, tmp_path):
+    """The url's first server refuses connections: persistd starts, writes and reads
+    through the second, and /health says healthy."""
+    dead = f"127.0.0.1:{free_port()}"
+    url = MYSQL_URL.replace("@127.0.0.1:", f"@{dead},127.0.0.1:", 1)
+    async with running(make_config(tmp_path, database={"url": url})) as d:
+        assert (await d.get("/health")).json()["status"] == "healthy"
+        await d.post(SESSIONS_BATCH, {"sessions": [session()]})
+        await d.post(TASKS_BATCH, {"tasks": [task("t")]})
+        await d.flush()
+        assert (await d.get("/api/v1/translation/tasks/t")).status_code == 200
+    assert await stored(db, "task_id") == ("t",)
+
+
+@mysql_only
+async def test_health_is_degraded_only_when_no_server_answers(db, tmp_path):
+    url = MYSQL_URL.replace("@127.0.0.1:", f"@127.0.0.1:{free_port()},127.0.0.1:", 1)
+    async with running(make_config(tmp_path, database={"url": url})) as d:
+        assert (await d.get("/health")).status_code == 200
+    nobody = f"mysql://root@127.0.0.1:{free_port()},127.0.0.1:{free_port()}/persistd"
+    async with running(make_config(tmp_path / "b", database={"url": nobody},
+                                   state={"dir": str(tmp_path / "b")})) as d:
+        health = await d.get("/health")
+        assert health.status_code == 503 and health.json()["database"] == "unhealthy"
+
+
+async def watch_health(instances, until: trio.Event, degraded: list) -> None:
+    """/health of every instance every 100 ms until `until`; what was not 200 goes in `degraded`."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        while not until.is_set():
+            for instance in instances:
+                try:
+                    status = (await client.get(f"{instance.url}/health")).status_code
+                except httpx.TransportError as exc:
+                    status = repr(exc)
+                if status != 200:
+                    degraded.append((trio.current_time(), instance.url, status))
+            await trio.sleep(0.1)
+
+
+@pytest.mark.mysql
+async def test_galera_a_node_killed_under_load_and_rejoining_loses_no_acknowledged_row(tmp_path):
+    """Three mariadbd in a Galera cluster; two persistd behind HAProxy, the first writing
+    through node 0, the second through node 1 (its url lists the nodes from there). Node 0 is
+    killed (kill -9) in the middle of the writes, and started again later: it rejoins. No
+    acknowledged write is lost or overtaken, every node holds the same rows, and /health
+    never says degraded: some node always answers."""
+    async with GaleraCluster(tmp_path / "galera", free_port_block(12)) as cluster:
+        hosts = [f"127.0.0.1:{port}" for port in cluster.ports]
+        urls = [f"mysql://root@{','.join(hosts)}/persistd", f"mysql://root@{','.join(hosts[1:] + hosts[:1])}/persistd"]
+        ports = [free_port() for _ in urls]
+        async with contextlib.AsyncExitStack() as stack:
+            instances = [await stack.enter_async_context(persistd_process(
+                tmp_path / f"instance{i}", port=port, state={"instance_id": i + 1}, database={"url": url},
+                buffer={"flush_interval": 0.3}))
+                for i, (port, url) in enumerate(zip(ports, urls))]
+            proxy = await stack.enter_async_context(HAProxy(tmp_path / "haproxy", free_port(),
+                                                            [("127.0.0.1", port) for port in ports]))
+            writers = [Writer(n) for n in range(6)]
+            degraded: list = []
+            watched = trio.Event()
+
+            async def kill_and_restart_node_0(round_no: int) -> None:
+                if round_no == 3:
+                    await cluster.kill(0)
+                elif round_no == 9:
+                    await cluster.restart(0)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_health, instances, watched, degraded)
+                async with trio.open_nursery() as writing:
+                    for writer in writers:
+                        writing.start_soon(writer.run, proxy.url, range(14),
+                                           kill_and_restart_node_0 if writer.number == 0 else None)
+                await flush_every(instances)
+                watched.set()
+            assert cluster.running() == [0, 1, 2]
+            assert not degraded, degraded[:5]
+        for port in cluster.ports:
+            node = Db("mysql", tmp_path, f"mysql://root@127.0.0.1:{port}/persistd")
+            try:
+                await assert_every_task_at_its_last_acknowledged_write(node, writers)
+            finally:
+                node.impl.close()
