@@ -7,6 +7,7 @@ flushes a write, and whenever (a retry, a journal replay after kill -9), an olde
 overwrites a newer one."""
 
 import contextlib
+import glob
 import re
 import signal
 import socket
@@ -21,7 +22,7 @@ import trio
 
 from cluster import GaleraCluster, HAProxy
 from conftest import MYSQL_URL, SESSION_ID, Db, make_config, mysql_only, running, session, task
-from processes import free_port, persistd_process
+from processes import clean_environ, free_port, persistd_process
 from persistd.daemon import (INSTANCE_BITS, Buffer, BufferConfig, Entry, SessionIn, Snapshot, TaskIn, combine, micros,
                              version_of)
 
@@ -335,6 +336,39 @@ async def test_an_instance_killed_and_replayed_after_newer_writes_loses_nothing_
             replayed = re.findall(r"journal replayed: (\d+) rows", again.log())
             assert replayed and int(replayed[-1]) >= 3 * only_first.tasks, again.log()[-2000:]
     await assert_every_task_at_its_last_acknowledged_write(db, [only_first, *writers])
+
+
+# ── clocks ───────────────────────────────────────────────────────────────────────────
+
+
+def clock_behind(seconds: float) -> dict[str, str]:
+    """The environment of a persistd whose wall clock runs `seconds` behind (libfaketime,
+    Debian's faketime package; its monotonic clock is left alone)."""
+    library = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    assert library, "libfaketime is missing: apt-get install faketime"
+    return clean_environ(LD_PRELOAD=library[0], FAKETIME=f"-{seconds}", FAKETIME_DONT_FAKE_MONOTONIC="1")
+
+
+@mysql_only
+async def test_beyond_the_clock_skew_assumption_a_later_write_through_a_slow_clock_loses(db, tmp_path):
+    """The README's assumption: the instances' clocks differ by less than the time between
+    two writes of one row. Instance B runs 2 s behind: it says so at start, a write through
+    it 0.5 s after one through A is taken as the older and loses, and one sent 2.5 s after wins."""
+    async with persistd_process(tmp_path / "a", state={"instance_id": 1}, buffer={"flush_interval": 0.2}) as a, \
+            persistd_process(tmp_path / "b", env=clock_behind(2), state={"instance_id": 2},
+                             buffer={"flush_interval": 0.2}) as b:
+        assert re.search(r"clock is -(1\.9|2\.0)\d\d s from the database's", b.log()), b.log()[-1500:]
+        async with httpx.AsyncClient(timeout=10) as client:
+            await client.post(f"{a.url}{SESSIONS_BATCH}", json={"sessions": [session()]})
+            await client.post(f"{a.url}{TASKS_BATCH}", json={"tasks": [task("t", target_text="first")]})
+            await trio.sleep(0.5)
+            await client.post(f"{b.url}{TASKS_BATCH}", json={"tasks": [task("t", target_text="0.5 s later")]})
+            await flush_every([a, b])
+            assert await stored(db, "target_text") == ("first",)
+            await trio.sleep(2.0)
+            await client.post(f"{b.url}{TASKS_BATCH}", json={"tasks": [task("t", target_text="2.5 s later")]})
+            await flush_every([a, b])
+            assert await stored(db, "target_text") == ("2.5 s later",)
 
 
 # ── Galera, and servers to fail over to ──────────────────────────────────────────────
