@@ -58,14 +58,15 @@ log are printed (they do not fail the run).
 Ceiling, measured once, into a fresh database of the same backend: the same upserts in the
 same order (the concurrency-1 order), read back and compared like a level's.
 - mysql: each request's rows as one multi-row INSERT ... ON DUPLICATE KEY UPDATE built with
-  persistd's own statement builder (persistd.mysql.upsert_statements), written to a
+  persistd's own statement builder (persistd.mysql.chunks), written to a
   .sql file and timed as `mariadb --default-character-set=utf8mb4 DB < file.sql` (the
   client's default, utf8mb3, cannot carry emoji). The file starts with the daemon's own
   session setup (time_zone '+00:00', strict sql_mode) and runs with autocommit: one commit
   per statement, i.e. per 1000-row batch. It writes no task_counts. The "× ceiling"
   column is against it. A second MySQL ceiling is measured and printed beside it: the same
-  file with the daemon's task_counts statements around each task upsert (count-out, upsert,
-  count-in), one transaction per request: what the server can do with exact totals.
+  file with the daemon's statements for tasks (the lock of the stored ones; for those the
+  count-out, upsert and count-in, for the others an INSERT and their count), one
+  transaction per request: what the server can do with exact totals.
 - sqlite: each request's rows bound as persistd's SQLite backend binds them (upsert_sql's
   INSERT ... ON CONFLICT (key) DO UPDATE, db_value, seconds), before the timing; timed: this
   script running them with sqlite3's executemany, BEGIN IMMEDIATE ... COMMIT around each
@@ -93,6 +94,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -120,9 +122,9 @@ import persistd.daemon
 import persistd.sql
 
 from persistd.daemon import SESSION_SETUP, Entry, SessionIn, TaskIn
-from persistd.mysql import upsert_statements
+from persistd.mysql import chunks, lock_tasks_sql
 from persistd.sqlite import db_value, seconds, upsert_sql
-from persistd.storage import SESSIONS, TASKS, Table, group_by_shape, read_schema
+from persistd.storage import SESSIONS, TASKS, Table, group_by_shape, read_schema, version_values
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_FILE = Path(persistd.daemon.__file__).resolve()
@@ -489,28 +491,31 @@ def proc_status_kb(pid: int, key: str) -> int:
 ROW_TYPES = {PATHS["sessions"]: (SESSIONS, "sessions", SessionIn), PATHS["tasks"]: (TASKS, "tasks", TaskIn)}
 
 
+VERSIONS = itertools.count(1)  # each request's rows newer than the last's, as the buffer gives them
+
+
 def entries(req: Request, at: datetime) -> tuple[Table, list[Entry]]:
     """The request's rows as the buffer hands them to a flush, accepted at `at`."""
     table, key, row_type = ROW_TYPES[req.path]
     rows = msgspec.json.decode(req.body, type=dict[str, list[row_type]])[key]
-    return table, [Entry(row, at, at, 0) for row in rows]
+    version = next(VERSIONS)
+    return table, [Entry(row, at, at, 0, version=version) for row in rows]
 
 
 def mysql_statements(req: Request, at: datetime, stored: set[str] | None = None) -> list[bytes]:
     """The upserts persistd's MySQL backend builds for this request's rows; with `stored`
-    (the task ids written before, kept up to date) also its task_counts statements around
-    each, as the flusher sends them: the count-out, the upsert, then the count-in of the
-    tasks as stored, or of the values written when none was stored before."""
+    (the task ids written before, kept up to date) the tasks' statements as the flusher
+    sends them, in a transaction: the lock of the stored tasks, then for those the
+    count-out, the upsert and the count-in, for the others an INSERT and their count."""
     table, accepted = entries(req, at)
-    statements = upsert_statements(table, accepted)
-    assert len(statements) == len(group_by_shape(table, accepted)), "persistd would split this statement"
+    found = chunks(table, accepted)
+    assert len(found) == len(group_by_shape(table, accepted)), "persistd would split this statement"
     if stored is None or table is not TASKS:
-        return [statement.sql for statement in statements]
+        return [chunk.upsert() for chunk in found]
     ids = {e.row.task_id for e in accepted}
-    counted_in = [s.count_in if ids & stored else s.count_new for s in statements]
+    statements = [lock_tasks_sql(accepted)] + [sql for chunk in found for sql, _ in chunk.task_statements(ids & stored, 0)]
     stored |= ids
-    return [b"BEGIN"] + [sql for s, count_in in zip(statements, counted_in)
-                         for sql in (s.count_out.encode(), s.sql, count_in.encode())] + [b"COMMIT"]
+    return [b"BEGIN", *(sql if isinstance(sql, bytes) else sql.encode() for sql in statements), b"COMMIT"]
 
 
 def sqlite_statements(req: Request, at: datetime) -> list[tuple[str, list[tuple]]]:
@@ -519,9 +524,9 @@ def sqlite_statements(req: Request, at: datetime) -> list[tuple[str, list[tuple]
     statements = []
     for shape, group in group_by_shape(table, accepted).items():
         columns = table.required + shape
-        statements.append((upsert_sql(table, columns), [
-            (*[db_value(getattr(e.row, c)) for c in columns], seconds(e.created_at), seconds(e.updated_at))
-            for e in group]))
+        statements.append((upsert_sql(table, shape), [
+            (*[db_value(getattr(e.row, c)) for c in columns], seconds(e.created_at), seconds(e.updated_at),
+             *version_values(e, shape)) for e in group]))
     return statements
 
 
@@ -909,7 +914,7 @@ def run_level(workload: Workload, port: int, concurrency: int, journal: str, tmp
 STAGES = (
     ("checks", ("check_row ", "row_errors ", "json_depth ", "_without_unset ")),
     ("decode", ("decode_batch ", "whole_numbers_as_integers ", "explain_batch ")),
-    ("SQL text", ("upsert_statements ", "count_new_tasks_sql ", "row_literal ", "upsert_sql ", "db_value ",
+    ("SQL text", ("chunks ", "count_new_tasks_sql ", "row_literal ", "upsert_sql ", "db_value ",
                   "group_by_shape ")),
     ("journal", ("Journal.", "journal_actor ", "frame (daemon")),
     ("merge", ("Buffer.", "combine ", "put (daemon", "buffer_actor ")),

@@ -128,6 +128,14 @@ INSTANCE_FILE = "instance"  # in the state dir: the instance id chosen at the fi
 # the low INSTANCE_BITS bits. Rows only ever move to a higher version.
 INSTANCE_BITS = 12
 VERSION_EPOCH_US = 1_577_836_800_000_000
+# Versions never go back across restarts either, whatever the wall clock does meanwhile: a
+# start gives out versions from <state dir>/clock on, a lease CLOCK_LEASE_S ahead of the
+# clock (or of that start's lease), renewed every CLOCK_RENEW_S. A restart more than
+# CLOCK_LEASE_S after the last renewal, with a clock that did not step back, is unaffected;
+# a quicker one gives out versions up to that much ahead of its clock for as long.
+CLOCK_FILE = "clock"
+CLOCK_LEASE_S = 1.0
+CLOCK_RENEW_S = 0.25
 CLOCK_SKEW_WARN_S = 0.05  # an instance whose clock is further from the database's says so
 
 STATEMENT_MAX_ROWS = 1000
@@ -1308,11 +1316,12 @@ class Buffer:
     write merged into an unwritten row on (`floor()`), and their size.
     """
 
-    def __init__(self, cfg: BufferConfig, journal_max_bytes: float = math.inf, instance: int = 0) -> None:
+    def __init__(self, cfg: BufferConfig, journal_max_bytes: float = math.inf, instance: int = 0,
+                 clock_us: int = 0) -> None:
         self.cfg = cfg
         self.journal_max_bytes = journal_max_bytes
         self.instance = instance
-        self.clock_us = 0  # the accept time of the last version given out, or replayed
+        self.clock_us = clock_us  # the accept time of the last version given out or replayed, or the lease
         self.sessions: dict[str, Entry] = {}
         self.tasks: dict[str, Entry] = {}
         self.held: dict[str, dict[str, Entry]] = {}
@@ -1598,7 +1607,7 @@ class Buffer:
         Tasks held for their session are tried again first: another instance may have
         written their session meanwhile."""
         self._settle()
-        if self.held:
+        if self.held or self.held_in_flight:
             waiter.held_tried = False
             self.held_retry_at = -math.inf
         elif self.durable_seq >= self.seq:
@@ -1613,7 +1622,8 @@ class Buffer:
         still held for their session once tried again do not count: they cannot be written yet)."""
         if self.idle():
             self.durable_seq = self.seq
-        done = [w for w in self.waiters if w.target <= self.durable_seq and w.held_tried]
+        nothing_held = not (self.held or self.held_in_flight)
+        done = [w for w in self.waiters if w.target <= self.durable_seq and (w.held_tried or nothing_held)]
         self.waiters = [w for w in self.waiters if w not in done]
         return done
 
@@ -1626,8 +1636,9 @@ class Buffer:
         for waiter in self.held_tried_for:
             waiter.held_tried = True
         self.held_tried_for = []
-        if held:
-            self.held_retry_at = now + self.cfg.flush_interval
+        if held:  # at once if a /flush came while they were in flight, as it would have
+            waiting = any(not w.held_tried for w in self.waiters)
+            self.held_retry_at = -math.inf if waiting else now + self.cfg.flush_interval
         self.durable_seq = snapshot.seq
         self.failures, self.retry_at, self.last_error = 0, math.inf, None
         self.last_flush = utc_now()
@@ -2051,6 +2062,42 @@ def overlay(stored: dict | None, buffered: list[Entry]) -> dict | None:
     return state
 
 
+def clock_lease(now_us: int, floor_us: int) -> int:
+    """The accept time (µs) that versions given out after a restart start from."""
+    return max(now_us, floor_us) + int(CLOCK_LEASE_S * 1_000_000)
+
+
+def read_clock(state_dir: Path) -> int:
+    """The last lease written to the state dir; 0 when there is none (a first start)."""
+    try:
+        return int((state_dir / CLOCK_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def write_file(path: Path, text: str) -> None:
+    """Written whole, then renamed over `path`: a crash leaves the old text or the new."""
+    partial = path.with_suffix(".new")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    partial.rename(path)
+
+
+async def renew_clock(state_dir: Path, floor_us: int) -> None:
+    lease = clock_lease(time.time_ns() // 1000, floor_us)
+    await trio.to_thread.run_sync(write_file, state_dir / CLOCK_FILE, f"{lease}\n")
+
+
+async def clock_actor(state_dir: Path, floor_us: int, stop: trio.Event) -> None:
+    """Renews the lease in <state dir>/clock every CLOCK_RENEW_S until `stop`."""
+    while not stop.is_set():
+        with trio.move_on_after(CLOCK_RENEW_S):
+            await stop.wait()
+        await renew_clock(state_dir, floor_us)
+
+
 def instance_id(state_dir: Path, configured: int) -> int:
     """[state] instance_id, or the id chosen at random at the first start and kept in the
     state dir (written whole, then renamed: a crash leaves no half-written id)."""
@@ -2061,11 +2108,7 @@ def instance_id(state_dir: Path, configured: int) -> int:
         return int(path.read_text())
     except FileNotFoundError:
         chosen = random.randrange(1 << INSTANCE_BITS)
-        partial = path.with_suffix(".new")
-        with open(partial, "w") as f:
-            f.write(f"{chosen}\n")
-            os.fsync(f.fileno())
-        partial.rename(path)
+        write_file(path, f"{chosen}\n")
         return chosen
     except ValueError:
         raise ConfigError(f"{path} does not hold an instance id; remove it to have one chosen,"
@@ -3337,7 +3380,8 @@ async def http_actor(cfg: Config, to_buffer: trio.MemorySendChannel, store: Any,
 
 
 async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio.MemorySendChannel,
-                       journal: trio.MemorySendChannel | None, dead_letters: DeadLetters, instance: int = 0) -> None:
+                       journal: trio.MemorySendChannel | None, dead_letters: DeadLetters, instance: int = 0,
+                       clock_us: int = 0) -> None:
     """Owns every unflushed row. Decides when to flush and when to retry (capped, jittered
     exponential backoff, forever: accepted rows are never dropped). Each batch goes to the
     journal and is answered once the journal has it; the journal is told which records
@@ -3345,7 +3389,7 @@ async def buffer_actor(cfg: Config, inbox: trio.MemoryReceiveChannel, jobs: trio
     `shutdown_timeout`; what is still unwritten then stays in the journal for the next
     start (without a journal it goes to the dead-letter file, as it does when any actor
     fails and the daemon stops)."""
-    buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes, instance)
+    buf = Buffer(cfg.buffer, math.inf if journal is None else cfg.journal.max_bytes, instance, clock_us)
     buf.replaying = journal is not None  # until ReplayDone
     sweep_every = min(cfg.buffer.orphan_ttl / 10, ORPHAN_SWEEP_MAX_S)
     next_sweep = trio.current_time() + sweep_every
@@ -3757,6 +3801,8 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
     state_dir = Path(cfg.state.dir)
     await trio.to_thread.run_sync(check_state_dir, state_dir)
     instance = await trio.to_thread.run_sync(instance_id, state_dir, cfg.state.instance_id)
+    clock_us = await trio.to_thread.run_sync(read_clock, state_dir)  # the last run's lease
+    await renew_clock(state_dir, clock_us)
     store = open_store(cfg.database, instance)  # reads its schema: a copy missing from the package stops the start
     event(logging.INFO, "starting", "persistd {version} starting: instance {instance}, database {database},"
           " state dir {state_dir}, journal {journal}", version=VERSION, instance=instance,
@@ -3790,7 +3836,8 @@ async def run(cfg: Config, stop: trio.Event, *, notifier: Notifier | None = None
             nursery.start_soon(flusher_actor, store, flusher_inbox, to_buffer.clone(), metrics)
             if journal is not None:
                 nursery.start_soon(journal_actor, journal, journal_inbox)
-            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters, instance)
+            nursery.start_soon(buffer_actor, cfg, buffer_inbox, to_flusher, to_journal, dead_letters, instance, clock_us)
+            nursery.start_soon(clock_actor, state_dir, clock_us, stop)
             if notifier.sock is not None:
                 nursery.start_soon(systemd_actor, notifier, to_buffer.clone(), ready, stop)
             if journal is not None:

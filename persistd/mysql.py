@@ -84,6 +84,7 @@ def _force_close(conn: trio_mysql.Connection) -> None:
 trio_mysql.connections.Connection._force_close = _force_close
 trio_mysql.connections.Connection.__del__ = _force_close
 ER_BAD_DB_ERROR = 1049
+ER_DUP_ENTRY = 1062
 ER_LOCK_DEADLOCK = 1213
 # Errors that refuse a row for what it holds: retrying cannot help, the row goes to the
 # dead-letter file and the rest is written. Any other error is the database's state (lost
@@ -217,18 +218,37 @@ def converters(columns: tuple[str, ...]) -> tuple[tuple[int, typing.Callable[[An
                  for i, name in enumerate(columns) if name in TIME_COLUMNS or name in JSON_COLUMNS)
 
 
-class Statement(NamedTuple):
-    sql: bytes
-    count_out: str | None  # for a counted table: takes the rows' stored states out of task_counts
-    count_in: str | None  # and adds their new states, once `sql` has run
-    count_new: str | None  # the same as count_in when no row was stored before, without reading them
+class Chunk(NamedTuple):
+    """Rows of one shape for one statement: their value literals, built ahead."""
+    table: Table
+    shape: tuple[str, ...]
+    entries: list[Entry]
+    literals: list[bytes]
+    keys: list[str]  # each row's key as an SQL literal
 
+    def upsert(self, rows: list[int] | None = None, *, update: bool = True) -> bytes:
+        """INSERT of the rows at `rows` (all by default), ON DUPLICATE KEY UPDATE by version
+        unless not `update` (then a row stored meanwhile fails it with 1062)."""
+        head, tail = statement_frame(self.table, self.shape)
+        literals = self.literals if rows is None else [self.literals[i] for i in rows]
+        return head + b",".join(literals) + (tail if update else b"")
 
-def with_counts(table: Table, sql: bytes, entries: list[Entry], keys: list[str], shard: int) -> Statement:
-    if table is not TASKS:
-        return Statement(sql, None, None, None)
-    where = f"{table.key} IN ({','.join(keys)})"
-    return Statement(sql, count_out_sql(where, shard), count_in_sql(where, shard), count_new_tasks_sql(entries, shard))
+    def task_statements(self, stored: set[str], shard: int) -> list[tuple[bytes | str, str]]:
+        """What writes a chunk of tasks once the ones `stored` are known and locked, each with
+        its part: "out", "upsert" and "in" for the stored tasks (their stored states counted
+        out, the upsert, their new states counted in), "new" and "counted" for the others (a
+        plain INSERT, and their states counted from the values)."""
+        old = [i for i, e in enumerate(self.entries) if e.row.task_id in stored]
+        new = [i for i, e in enumerate(self.entries) if e.row.task_id not in stored]
+        statements: list[tuple[bytes | str, str]] = []
+        if old:
+            where = f"task_id IN ({','.join(self.keys[i] for i in old)})"
+            statements += [(count_out_sql(where, shard), "out"), (self.upsert(old), "upsert"),
+                           (count_in_sql(where, shard), "in")]
+        if new:
+            statements += [(self.upsert(new, update=False), "new"),
+                           (count_new_tasks_sql([self.entries[i] for i in new], shard), "counted")]
+        return statements
 
 
 def count_new_tasks_sql(entries: list[Entry], shard: int) -> str:
@@ -246,21 +266,16 @@ def count_new_tasks_sql(entries: list[Entry], shard: int) -> str:
             + ",".join(f"({','.join(map(sql_value, (*key, *n)))})" for key, n in counts.items()) + ADD_COUNTS)
 
 
-def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATEMENT_MAX_BYTES,
-                      shard: int = 0) -> list[Statement]:
-    """Multi-row INSERT ... ON DUPLICATE KEY UPDATE statements for `entries`, at most
-    STATEMENT_MAX_ROWS rows and `max_bytes` bytes of values each (UTF-8, as the server
-    counts its max_allowed_packet: an emoji is one character and 4 bytes); tasks counted in
-    task_counts' `shard`."""
-    statements = []
+def chunks(table: Table, entries: list[Entry], max_bytes: int = STATEMENT_MAX_BYTES) -> list[Chunk]:
+    """`entries` as chunks of one shape each, at most STATEMENT_MAX_ROWS rows and `max_bytes`
+    bytes of values (UTF-8, as the server counts its max_allowed_packet: an emoji is one
+    character and 4 bytes)."""
+    found = []
     for shape, group in group_by_shape(table, entries).items():
         columns = table.required + shape
-        head, tail = statement_frame(table, shape)
         values_of = operator.attrgetter(*columns)
         convert = converters(columns)
-        values: list[bytes] = []
-        part: list[Entry] = []
-        keys: list[str] = []
+        chunk = Chunk(table, shape, [], [], [])
         size = 0
         for entry in group:
             row = [*values_of(entry.row), time_text(entry.created_at), time_text(entry.updated_at),
@@ -269,16 +284,21 @@ def upsert_statements(table: Table, entries: list[Entry], max_bytes: int = STATE
                 if row[i] is not None:
                     row[i] = to_text(row[i])
             literal = row_literal(row)
-            if len(values) == STATEMENT_MAX_ROWS or size + len(literal) > max_bytes:
-                statements.append(with_counts(table, head + b",".join(values) + tail, part, keys, shard))
-                values, part, keys, size = [], [], [], 0
-            values.append(literal)
-            part.append(entry)
-            keys.append(sql_value(row[0]))
+            if len(chunk.literals) == STATEMENT_MAX_ROWS or size + len(literal) > max_bytes:
+                found.append(chunk)
+                chunk, size = Chunk(table, shape, [], [], []), 0
+            chunk.entries.append(entry)
+            chunk.literals.append(literal)
+            chunk.keys.append(sql_value(row[0]))
             size += len(literal) + 1
-        if values:
-            statements.append(with_counts(table, head + b",".join(values) + tail, part, keys, shard))
-    return statements
+        if chunk.literals:
+            found.append(chunk)
+    return found
+
+
+def concurrent_insert(exc: trio_mysql.MySQLError) -> bool:
+    """A plain INSERT of tasks that were not stored met one that another flush stored since."""
+    return bool(exc.args) and exc.args[0] == ER_DUP_ENTRY and "PRIMARY" in str(exc.args[-1])
 
 
 async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
@@ -288,37 +308,65 @@ async def upsert(conn: trio_mysql.Connection, table: Table, entries: list[Entry]
     database never waits for the next one, and on the event loop request handlers (each
     decoding a body in one go) would starve it under load and be held up by it. The GIL
     hands over every `sys.getswitchinterval()`, so both keep moving. The buffer does not
-    touch a snapshot's rows while the flusher has it."""
-    statements, ready = trio.open_memory_channel[Statement](1)
+    touch a snapshot's rows while the flusher has it.
+
+    Tasks: the stored ones are locked first, all in one statement and in key order (flushes
+    of several instances never wait for each other in a circle), then counted out, upserted
+    and counted in, a chunk at a time; the others are inserted and counted from their
+    values. The writer's transactions are READ COMMITTED: no gap locks, which concurrent
+    flushes inserting neighbouring keys would otherwise deadlock on (a server logging
+    statements, binlog_format = STATEMENT, refuses that: use ROW or MIXED, the defaults). A
+    task that another flush inserted after the lock fails the INSERT (1062): this flush is
+    aborted as a conflict and retried."""
+    ready_chunks, ready = trio.open_memory_channel[Chunk](1)
+    stored = await lock_stored_tasks(conn, entries) if table is TASKS else set()
 
     async def build() -> None:
-        async with statements:
+        async with ready_chunks:
             for i in range(0, len(entries), STATEMENT_MAX_ROWS):
                 part = entries[i:i + STATEMENT_MAX_ROWS]
-                for statement in await trio.to_thread.run_sync(upsert_statements, table, part, max_bytes, shard):
-                    await statements.send(statement)
+                for chunk in await trio.to_thread.run_sync(chunks, table, part, max_bytes):
+                    await ready_chunks.send(chunk)
 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(build)
             async with ready:
-                async for statement in ready:
-                    if statement.count_out is None:
-                        await conn.query(statement.sql)
-                        continue
-                    # 0: none of the tasks was stored (or, after writes behind persistd's back, their
-                    # buckets were at zero already: the new states are then counted from the values,
-                    # and the reconciliation puts right what that gets wrong)
-                    stored = await conn.query(statement.count_out)
-                    try:
-                        await conn.query(statement.sql)
-                    except trio_mysql.MySQLError as exc:
-                        if stored and exc.args and exc.args[0] in ROW_REFUSED:  # undone alone: count back in
-                            await conn.query(statement.count_in)
-                        raise
-                    await conn.query(statement.count_in if stored else statement.count_new)
+                async for chunk in ready:
+                    if table is TASKS:
+                        await write_tasks(conn, chunk.task_statements(stored, shard))
+                    else:
+                        await conn.query(chunk.upsert())
     except* DB_ERRORS as group:  # the nursery wraps what its body raised; callers expect it bare
         raise group.exceptions[0] from None
+
+
+async def lock_stored_tasks(conn: trio_mysql.Connection, entries: list[Entry]) -> set[str]:
+    """The ids of the tasks among `entries` that are stored, locked until the transaction ends."""
+    if not entries:
+        return set()
+    async with conn.cursor() as cursor:
+        await cursor.execute(lock_tasks_sql(entries))
+        return {task_id for (task_id,) in await cursor.fetchall()}
+
+
+def lock_tasks_sql(entries: list[Entry]) -> str:
+    ids = ",".join(map(sql_value, sorted(e.row.task_id for e in entries)))
+    return f"SELECT task_id FROM translation_tasks WHERE task_id IN ({ids}) ORDER BY task_id FOR UPDATE"
+
+
+async def write_tasks(conn: trio_mysql.Connection, statements: list[tuple[bytes | str, str]]) -> None:
+    """Chunk.task_statements() in turn. An upsert refused for what a row holds is undone alone
+    while the stored states stay counted out: the count-in after it puts them back."""
+    for n, (sql, part) in enumerate(statements):
+        try:
+            await conn.query(sql)
+        except trio_mysql.MySQLError as exc:
+            if part == "upsert" and exc.args and exc.args[0] in ROW_REFUSED:
+                await conn.query(statements[n + 1][0])
+            elif part == "new" and concurrent_insert(exc):
+                raise trio_mysql.OperationalError(ER_LOCK_DEADLOCK, f"a concurrent flush stored a task: {exc}") from None
+            raise
 
 
 async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: list[Entry],
@@ -341,11 +389,16 @@ async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: l
 
 async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot, max_bytes: int = STATEMENT_MAX_BYTES,
                          shard: int = 0) -> Written:
-    """One transaction: sessions, then the tasks whose session exists. Returns the counts
+    """Two transactions: the sessions, then the tasks whose session exists (the session rows
+    are not locked while the tasks are written: another instance's tasks of those sessions,
+    which lock them for their foreign key, do not wait for this flush). Returns the counts
     written, the tasks held back because their session is not in the database, and the
-    rows the database refused."""
+    rows the database refused. A retry after a failure between the two writes the sessions
+    again, which changes nothing."""
     await conn.query("BEGIN")
     refused_sessions = await upsert_isolating(conn, SESSIONS, list(snapshot.sessions.values()), max_bytes)
+    await conn.query("COMMIT")
+    await conn.query("BEGIN")
     missing = unknown_sessions(snapshot, refused_sessions)
     if missing:  # locked against a concurrent DELETE until the tasks are in
         async with conn.cursor() as cursor:
@@ -727,6 +780,7 @@ class MySQLStore(Reads):
             try:
                 await ensure_schema(conn, self.schema)
                 self.migrated = await migrate(conn)
+                await conn.query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")  # see upsert()
                 packet = await count(conn, "SELECT @@max_allowed_packet AS n")
                 self.clock_offset = await clock_offset(conn)
             except BaseException:

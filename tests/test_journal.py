@@ -23,7 +23,7 @@ from conftest import KEPT_COUNTS, MYSQL_URL, SESSION_ID, MysqlDb, make_config, m
 from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, persistd_process, process_config
 from proxy import tcp_proxy
 from persistd.daemon import (BATCH_KINDS, RECORD, VERSION_FIELD, Buffer, BufferConfig, DatabaseConfig, Journal,
-                             JournalConfig, decode_batch, micros, overlay, version_of)
+                             JournalConfig, clock_lease, decode_batch, micros, overlay, version_of)
 from persistd.mysql import Database, upsert, write_snapshot
 from persistd.storage import TASKS
 
@@ -441,11 +441,13 @@ async def visible(conn, buf: Buffer) -> dict[str, tuple]:
 class Node:
     """One daemon's memory (a Buffer) over a journal that outlives it. It starts by
     replaying the journal, one record a step; flushes may run meanwhile, as in the daemon,
-    and writes are accepted only once the replay is done (the daemon listens only then)."""
+    and writes are accepted only once the replay is done (the daemon listens only then).
+    Its clock stands still at AT: versions go on from the last run's lease (<state dir>/clock)."""
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, clock_us: int = 0) -> None:
         self.journal = journal_at(path)
-        self.buf = Buffer(BufferConfig())
+        self.buf = Buffer(BufferConfig(), clock_us=clock_us)
+        self.lease = clock_lease(micros(AT), clock_us)
         self.snapshot = None  # the one the flusher has
         self.buf.replaying = True
         self.records = self.journal.replay()
@@ -525,7 +527,7 @@ async def play(ops, path) -> dict[str, tuple]:
                     if op[0] == "commit_then_crash" and node.snapshot is not None:
                         await write_snapshot(conn, node.snapshot)
                     node.journal.close()
-                    node = Node(path)
+                    node = Node(path, node.lease)
             if not node.replaying:  # while it runs, the records not yet replayed are not shown
                 assert await visible(conn, node.buf) == last_acknowledged(writes), f"after step {step}: {op[0]}"
         node.listen()

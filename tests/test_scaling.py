@@ -19,12 +19,15 @@ import httpx
 import msgspec
 import pytest
 import trio
+import trio_mysql
 
 from cluster import GaleraCluster, HAProxy
 from conftest import MYSQL_URL, SESSION_ID, Db, make_config, mysql_only, running, session, task
 from processes import clean_environ, free_port, persistd_process
-from persistd.daemon import (INSTANCE_BITS, Buffer, BufferConfig, Entry, SessionIn, Snapshot, TaskIn, combine, micros,
-                             version_of)
+from persistd.daemon import (INSTANCE_BITS, Buffer, BufferConfig, DatabaseConfig, Entry, SessionIn, Snapshot, TaskIn,
+                             combine, micros, version_of)
+from persistd.mysql import MySQLStore, chunks, lock_stored_tasks, write_tasks
+from persistd.storage import TASKS
 
 SESSIONS_BATCH = "/api/v1/translation/sessions/batch"
 TASKS_BATCH = "/api/v1/translation/tasks/batch"
@@ -178,6 +181,28 @@ async def test_a_database_created_by_persistd_1_0_is_migrated_at_start(db, tmp_p
     await db.assert_counts_exact()
     assert (await db.query("SELECT COUNT(*) FROM translation_sessions WHERE session_id = %s", SESSION_ID)) == ((1,),)
 
+
+
+@mysql_only
+async def test_a_task_another_flush_stored_after_the_lock_aborts_this_flush_as_a_conflict(db):
+    """A flush locks the tasks that are stored, then inserts the others. If another
+    instance stores one of those in between, the INSERT fails (1062 on the primary key): the
+    flush is aborted as a conflict and retried, its counts never added twice."""
+    await flush(db, write(session(), 0))
+    entry = write(task("t"), 1)
+    store = MySQLStore(msgspec.convert({"url": db.url}, DatabaseConfig), 3)
+    await store.open()
+    try:
+        await store.writer.query("BEGIN")
+        assert await lock_stored_tasks(store.writer, [entry]) == set()
+        await flush(db, write(task("t"), 2, instance=2))  # another instance, committed meanwhile
+        (chunk,) = chunks(TASKS, [entry])
+        with pytest.raises(trio_mysql.OperationalError) as caught:
+            await write_tasks(store.writer, chunk.task_statements(set(), 3))
+        assert store.conflict(caught.value) and store.transient(caught.value)
+    finally:
+        store.close()
+    await db.assert_counts_exact()
 
 # ── several instances behind HAProxy ────────────────────────────────────────────────
 # Writers each own some tasks and write them round after round through the load balancer,
@@ -370,6 +395,21 @@ async def test_beyond_the_clock_skew_assumption_a_later_write_through_a_slow_clo
             await flush_every([a, b])
             assert await stored(db, "target_text") == ("2.5 s later",)
 
+
+
+async def test_a_restart_with_the_clock_stepped_back_gives_out_newer_versions_all_the_same(db, tmp_path):
+    """Versions go on from the last run's lease (<state dir>/clock), not from the wall clock
+    alone: a write after a restart whose clock stepped back 30 s still wins over the last run's."""
+    async with persistd_process(tmp_path, buffer={"flush_interval": 0.2}) as before:
+        async with httpx.AsyncClient(base_url=before.url, timeout=10) as client:
+            await client.post(SESSIONS_BATCH, json={"sessions": [session()]})
+            await client.post(TASKS_BATCH, json={"tasks": [task("t", target_text="before")]})
+            await flush_every([before])
+    async with persistd_process(tmp_path, env=clock_behind(30), buffer={"flush_interval": 0.2}) as after:
+        async with httpx.AsyncClient(base_url=after.url, timeout=10) as client:
+            await client.post(TASKS_BATCH, json={"tasks": [task("t", target_text="after")]})
+            await flush_every([after])
+    assert await stored(db, "target_text") == ("after",)
 
 # ── Galera, and servers to fail over to ──────────────────────────────────────────────
 

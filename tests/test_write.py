@@ -407,7 +407,8 @@ async def write_rows_of_4_byte_characters(db, tmp_path, emoji: str, text: str) -
 
 
 class Recording:
-    """A real connection that also keeps the statements sent through it."""
+    """A real connection that also keeps the statements sent through it (reads through a
+    cursor, the lock of the stored tasks, are not kept)."""
 
     def __init__(self, conn):
         self.conn, self.statements = conn, []
@@ -416,21 +417,31 @@ class Recording:
         self.statements.append(sql.decode() if isinstance(sql, bytes) else sql)
         return await self.conn.query(sql)
 
+    def cursor(self):
+        return self.conn.cursor()
+
 
 @mysql_only
 async def test_upserts_are_multi_row_statements_of_at_most_1000_rows(db):
+    """Stored tasks are locked first, in one statement; new ones are written by plain
+    multi-row INSERTs, stored ones by INSERT ... ON DUPLICATE KEY UPDATE between their
+    count-out and count-in: 1000 rows a statement at most."""
     await db.query("INSERT INTO translation_sessions (session_id, filename, file_path, llm_provider)"
                    " VALUES (%s, 'f', 'p', 'openai')", SESSION_ID)
     at = datetime(2025, 9, 30, 10, 0, tzinfo=timezone.utc)
-    entries = [Entry(row, at, at, 1) for row in task_rows(2500)]
     async with db.store.db.connection() as conn:
-        recording = Recording(conn)
-        await upsert(recording, TASKS, entries)
-    upserts = recording.statements[1::3]  # each between the two statements that keep task_counts
-    assert [s.count("),(") + 1 for s in upserts] == [1000, 1000, 500]
-    assert all(s.startswith("INSERT INTO translation_tasks") and "ON DUPLICATE KEY UPDATE" in s for s in upserts)
-    assert all(s.startswith("INSERT INTO task_counts") for i, s in enumerate(recording.statements) if i % 3 != 1)
-    assert await db.query("SELECT COUNT(*) FROM translation_tasks") == ((2500,),)
+        new = Recording(conn)  # tasks not stored yet: an INSERT, then their count from the values
+        await upsert(new, TASKS, [Entry(row, at, at, 1, version=1) for row in task_rows(2500)])
+        stored = Recording(conn)  # stored: counted out, upserted, counted in
+        await upsert(stored, TASKS, [Entry(row, at, at, 2, version=2) for row in task_rows(2500, status="completed")])
+    assert [s.count("),(") + 1 for s in new.statements[0::2]] == [1000, 1000, 500]
+    assert all(s.startswith("INSERT INTO translation_tasks") and "ON DUPLICATE" not in s for s in new.statements[0::2])
+    assert all(s.startswith("INSERT INTO task_counts") for s in new.statements[1::2])
+    assert [s.count("),(") + 1 for s in stored.statements[1::3]] == [1000, 1000, 500]
+    assert all(s.startswith("INSERT INTO translation_tasks") and "ON DUPLICATE KEY UPDATE" in s
+               for s in stored.statements[1::3])
+    assert all(s.startswith("INSERT INTO task_counts") for i, s in enumerate(stored.statements) if i % 3 != 1)
+    assert await db.query("SELECT COUNT(*) FROM translation_tasks WHERE status = 'completed'") == ((2500,),)
     await db.assert_counts_exact()
 
 
@@ -660,6 +671,28 @@ async def test_held_tasks_expire_into_the_dead_letter_file_after_orphan_ttl(tmp_
     lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert [(line["reason"], line["row"]["task_id"]) for line in lines] == [
         ("orphan_ttl_expired", "t0"), ("orphan_ttl_expired", "t1")]
+
+
+async def test_a_flush_tries_held_tasks_again_after_it_was_asked(tmp_path, nursery, autojump_clock):
+    """Held tasks go with a snapshot when /flush is asked (another instance may have written
+    their session since): the answer waits for a try that began after the call, not for one
+    already in flight when it came."""
+    h = BufferAlone(tmp_path, flush_interval=2).start(nursery)
+    await h.accept("tasks", task_rows(2), AT)
+    first = await h.jobs.receive()
+    await h.to_buffer.send(Written(0, 0, list(first.snapshot.tasks.values()), []))  # their session is missing
+    in_flight = await h.jobs.receive()  # tried again after flush_interval
+    assert set(in_flight.snapshot.tasks) == {"t0", "t1"}
+    reply, answered = trio.open_memory_channel(1)
+    await h.to_buffer.send(Flush(FlushWaiter(reply)))
+    await h.to_buffer.send(Written(0, 0, list(in_flight.snapshot.tasks.values()), []))  # begun before the call
+    again = await h.jobs.receive()  # at once, not after flush_interval
+    assert trio.current_time() < 2 * 2 + 0.5 and set(again.snapshot.tasks) == {"t0", "t1"}
+    with pytest.raises(trio.WouldBlock):
+        answered.receive_nowait()
+    await h.to_buffer.send(Written(0, 2, [], []))  # the session is in the database now
+    waiter = await answered.receive()
+    assert waiter.tasks_written == 2
 
 
 async def test_a_dead_letter_write_that_blocks_leaves_the_event_loop_answering(db, tmp_path):
