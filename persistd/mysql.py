@@ -34,7 +34,7 @@ from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_W
                               JSON_COLUMNS, KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER,
                               TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query, Reads, Table, decode_json_columns,
                               drifted, group_by_shape, hour_floor, read_schema, reconcile_slice, sessions_after,
-                              split_held, stats_from, unknown_sessions, version_columns, version_values, written)
+                              split_held, stats_from, version_columns, version_values, written)
 
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
@@ -389,23 +389,29 @@ async def upsert_isolating(conn: trio_mysql.Connection, table: Table, entries: l
 
 async def write_snapshot(conn: trio_mysql.Connection, snapshot: Snapshot, max_bytes: int = STATEMENT_MAX_BYTES,
                          shard: int = 0) -> Written:
-    """Two transactions: the sessions, then the tasks whose session exists (the session rows
-    are not locked while the tasks are written: another instance's tasks of those sessions,
-    which lock them for their foreign key, do not wait for this flush). Returns the counts
-    written, the tasks held back because their session is not in the database, and the
-    rows the database refused. A retry after a failure between the two writes the sessions
-    again, which changes nothing."""
+    """Two transactions: the sessions, then the tasks whose session exists. Returns the
+    counts written, the tasks held back because their session is not in the database, and
+    the rows the database refused. A retry after a failure between the two writes the
+    sessions again, which changes nothing.
+
+    Session rows are locked in key order in both: written in that order, and the tasks'
+    sessions share-locked in that order before any task is written (against a concurrent
+    DELETE, and before the foreign key checks would lock them in the tasks' order). A flush
+    of sessions and one of their tasks, from two instances, never wait for each other in a
+    circle; nor are the sessions locked while the tasks are written."""
     await conn.query("BEGIN")
-    refused_sessions = await upsert_isolating(conn, SESSIONS, list(snapshot.sessions.values()), max_bytes)
+    sessions = sorted(snapshot.sessions.values(), key=lambda e: e.row.session_id)
+    refused_sessions = await upsert_isolating(conn, SESSIONS, sessions, max_bytes)
     await conn.query("COMMIT")
     await conn.query("BEGIN")
-    missing = unknown_sessions(snapshot, refused_sessions)
-    if missing:  # locked against a concurrent DELETE until the tasks are in
+    needed = sorted({e.row.session_id for e in snapshot.tasks.values()})
+    missing = set()
+    if needed:
         async with conn.cursor() as cursor:
             await cursor.execute(
                 "SELECT session_id FROM translation_sessions WHERE session_id IN ("
-                + ",".join(map(sql_value, missing)) + ") LOCK IN SHARE MODE")
-            missing -= {session_id for (session_id,) in await cursor.fetchall()}
+                + ",".join(map(sql_value, needed)) + ") ORDER BY session_id LOCK IN SHARE MODE")
+            missing = set(needed) - {session_id for (session_id,) in await cursor.fetchall()}
     tasks, held = split_held(snapshot, missing)
     refused_tasks = await upsert_isolating(conn, TASKS, tasks, max_bytes, shard)
     await conn.query("COMMIT")
