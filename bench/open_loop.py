@@ -54,7 +54,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import write_path  # noqa: E402
 from write_path import (BenchError, CpuUse, HttpConnection, Request, SendStats, cpu_seconds,  # noqa: E402
-                        flush, get, parse_metrics, send_streams, start_daemon, stop_daemon, verdict)
+                        flush, get, parse_metrics, run_bench, send_streams, start_daemon, stop_daemon, verdict)
 
 BENCH_DB = "persistd_bench_open"
 CONNECTIONS = 16
@@ -338,8 +338,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        print(f"\nFAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_bench(main)

@@ -85,7 +85,7 @@ from persistd.daemon import SESSION_SETUP, STATS_CACHE_S
 from persistd.storage import read_schema
 from write_path import (COLUMNS, DAEMON_FILE, DATABASES, REPO, RESULTS_DIR, SHEETS, TOKENS, WEIGHTS, BenchError, CpuUse,
                         Daemon, Database, HttpConnection, MySQLDatabase, MySQLReader, Response, SQLiteDatabase,
-                        SQLiteReader, code_version, cpu_seconds, mariadb, session_row, stop_daemon, text,
+                        SQLiteReader, code_version, cpu_seconds, mariadb, run_bench, session_row, stop_daemon, text,
                         wait_listening)
 
 DEFAULT_DB = "persistd_readbench"
@@ -889,8 +889,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        print(f"\nFAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_bench(main)

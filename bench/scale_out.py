@@ -54,7 +54,7 @@ import trio_mysql
 
 from write_path import (COUNTS_SQL, REPO, SESSION_SETUP, BenchError, CpuUse, HttpConnection, MySQLReader, SendStats,
                         Workload, build_workload, code_version, cpu_seconds, machine_busy_seconds, mariadb,
-                        parse_metrics, send_streams, verify_rows)
+                        parse_metrics, run_bench, send_streams, verify_rows)
 
 sys.path.insert(0, str(REPO / "tests"))  # the Galera cluster and HAProxy of the tests
 from cluster import GaleraCluster, HAProxy  # noqa: E402
@@ -304,8 +304,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        print(f"\nFAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_bench(main)

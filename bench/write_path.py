@@ -107,6 +107,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -1167,9 +1168,14 @@ def main(argv: list[str] | None = None) -> None:
         print("WARNING: persistd's code changed during the run; the levels may have run different code")
 
 
-if __name__ == "__main__":
+def run_bench(main: typing.Callable[[], None]) -> None:
+    """A benchmark script's entry point: a BenchError ends it with its message and exit 1."""
     try:
         main()
     except BenchError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_bench(main)
