@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import KEPT_COUNTS, MYSQL_URL, SESSION_ID, MysqlDb, make_config, mysql_only, running, session, task
 from processes import PERSISTD, Process, assert_one_line_error, clean_environ, free_port, persistd_process, process_config
 from proxy import tcp_proxy
-from persistd.daemon import (BATCH_KINDS, RECORD, VERSION_FIELD, Buffer, BufferConfig, DatabaseConfig, Journal,
-                             JournalConfig, clock_lease, decode_batch, micros, overlay, version_of)
+from persistd.daemon import (BATCH_KINDS, HELD_1_0, MICROS, RECORD, SESSIONS_1_0, TASKS_1_0, VERSION_FIELD, Buffer,
+                             BufferConfig, DatabaseConfig, Journal, JournalConfig, TaskIn, clock_lease, decode_batch,
+                             micros, overlay, version_of)
 from persistd.mysql import Database, upsert, write_snapshot
 from persistd.storage import TASKS
 
@@ -73,6 +74,23 @@ def test_records_replay_in_order_with_their_accept_time(tmp_path):
     again = journal_at(tmp_path)
     assert again.last_seq == 3 and again.kept_aside == 0
     assert replayed(again) == [(1, ["t1"]), (2, ["t2"]), (3, ["t3"])]
+
+
+def test_a_journal_of_persistd_1_0_replays_with_its_accept_times_as_versions(tmp_path):
+    """1.0 wrote batches as kinds 1 and 2 with the accept time (µs) before the body, and held
+    tasks as kind 5 without versions: they replay older than anything accepted since."""
+    journal = journal_at(tmp_path)
+    earlier = MICROS.pack(micros(AT))
+    held = msgspec.json.encode([(AT, AT, msgspec.convert(task("h"), TaskIn))])
+    journal.commit([(1, SESSIONS_1_0, (earlier, body("sessions", [session("s")]))),
+                    (2, TASKS_1_0, (earlier, body("tasks", [task("t")]))), (3, HELD_1_0, (held,))], None)
+    journal.close()
+    again = journal_at(tmp_path)
+    found = [again.batch(*record) for record in again.replay()]
+    assert [(key, [e.version for e in entries]) for key, entries, _ in found] == [
+        ("sessions", [version_of(micros(AT), 0)]), ("tasks", [version_of(micros(AT), 0)]),
+        ("tasks", [version_of(micros(AT), 0)])]
+    assert all(e.created_at == AT for _, entries, _ in found for e in entries)
 
 
 @pytest.mark.parametrize("damage", ["torn", "flipped"])
