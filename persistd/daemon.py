@@ -1584,6 +1584,7 @@ class Buffer:
             if held_due:
                 self.held_in_flight = self.held_count()
                 self.held_tried_for = list(self.waiters)
+                self.first_pending_at = min(self.first_pending_at, now)  # what this snapshot leaves is due
                 for group in self.held.values():
                     for task_id, entry in group.items():
                         self._unpin(entry)
@@ -1866,7 +1867,8 @@ class Journal:
         if kind == HELD:
             key, items = "tasks", HELD_DECODER.decode(payload)
         elif kind == HELD_1_0:
-            key, items = "tasks", [(c, u, version_of(micros(u), 0), None, row) for c, u, row in HELD_1_0_DECODER.decode(payload)]
+            key, items = "tasks", [(created, updated, version_of(micros(updated), 0), None, row)
+                                   for created, updated, row in HELD_1_0_DECODER.decode(payload)]
         else:
             key = "sessions" if kind in SESSION_KINDS else "tasks"
             version = VERSION_FIELD.unpack_from(payload)[0]

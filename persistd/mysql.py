@@ -206,7 +206,8 @@ def statement_frame(table: Table, shape: tuple[str, ...]) -> tuple[bytes, bytes]
     for name in shape:
         updates.append(f"`{name}` = IF(VALUES({name}_version) > {name}_version, VALUES(`{name}`), `{name}`)")
         updates.append(f"{name}_version = GREATEST({name}_version, VALUES({name}_version))")
-    updates += ["created_at = LEAST(created_at, VALUES(created_at))", "row_version = GREATEST(row_version, VALUES(row_version))"]
+    updates += ["created_at = LEAST(created_at, VALUES(created_at))",
+                "row_version = GREATEST(row_version, VALUES(row_version))"]
     return head.encode(), (" ON DUPLICATE KEY UPDATE " + ", ".join(updates)).encode()
 
 

@@ -726,6 +726,23 @@ def test_held_tasks_move_to_pending_when_their_session_arrives():
     assert buf.held_count() == 0 and set(buf.tasks) == {"t0", "t1"}
 
 
+def test_held_tasks_tried_again_beyond_one_snapshot_leave_the_rest_due_within_flush_interval():
+    """6,000 held tasks go with the next snapshot after flush_interval: 5,000 in it
+    (SNAPSHOT_MAX_ROWS), the other 1,000 pending and due flush_interval later."""
+    buf = Buffer(BufferConfig(flush_interval=2, flush_rows=100_000, max_rows=100_000))
+    buf.write("tasks", task_rows(SNAPSHOT_MAX_ROWS + 1000), AT_US, 0.0, 0)
+    for now in (2.0, 2.0):  # each snapshot comes back held: the session is not in the database
+        snapshot = buf.take_snapshot(now)
+        buf.written(0, 0, list(snapshot.tasks.values()), now)
+    assert buf.held_count() == SNAPSHOT_MAX_ROWS + 1000 and buf.take_snapshot(3.9) is None
+    tried = buf.take_snapshot(4.0)
+    rest = set(buf.tasks)
+    assert len(tried.tasks) == SNAPSHOT_MAX_ROWS and len(rest) == 1000
+    buf.written(0, SNAPSHOT_MAX_ROWS, [], 4.0)  # another instance wrote their session meanwhile
+    assert buf.take_snapshot(5.9) is None
+    assert set(buf.take_snapshot(6.0).tasks) == rest
+
+
 def test_buffer_refuses_what_would_pass_max_rows():
     buf = Buffer(BufferConfig(max_rows=1000))
     assert buf.has_room(1000, 0)
