@@ -89,7 +89,7 @@ async def test_a_field_keeps_the_value_of_the_latest_write_that_carried_it(db):
     await db.assert_counts_exact()
 
 
-async def test_a_merged_buffer_row_writes_each_field_at_the_version_it_was_carried():
+def test_a_merged_buffer_row_writes_each_field_at_the_version_it_was_carried():
     """One instance merges W1 (target_text) and W3 (status only) into one row: its
     target_text still has W1's version, so another instance's W2 target_text wins over it."""
     merged = combine(write(task("t", target_text="a"), 1), write(task("t", status="completed"), 3))
@@ -288,15 +288,24 @@ async def assert_every_task_at_its_last_acknowledged_write(db, writers: list[Wri
     await db.assert_counts_exact()
 
 
+FAST = {"buffer": {"flush_interval": 0.3}}
+
+
+def instance_config(i: int, sections: dict) -> dict:
+    """persistd_process() arguments of instance i: its state dir, port and id, and `sections`."""
+    return {"state": {"instance_id": i + 1}, **sections}
+
+
 @contextlib.asynccontextmanager
-async def instances_behind_haproxy(tmp_path, count: int, **sections):
-    """`count` persistd processes on the test's database, each with its own state dir and
-    instance id, behind HAProxy; yields (proxy, [process, ...], ports)."""
-    ports = [free_port() for _ in range(count)]
+async def instances_behind_haproxy(tmp_path, *sections: dict):
+    """A persistd process per `sections` (each instance's config sections), each with its
+    own state dir (<tmp_path>/instance<i>) and instance id, behind HAProxy; yields (proxy,
+    [process, ...], ports)."""
+    ports = [free_port() for _ in sections]
     async with contextlib.AsyncExitStack() as stack:
         instances = [await stack.enter_async_context(persistd_process(
-            tmp_path / f"instance{i}", port=port, state={"instance_id": i + 1}, **sections))
-            for i, port in enumerate(ports)]
+            tmp_path / f"instance{i}", port=port, **instance_config(i, each)))
+            for i, (port, each) in enumerate(zip(ports, sections))]
         proxy = await stack.enter_async_context(HAProxy(tmp_path / "haproxy", free_port(),
                                                         [("127.0.0.1", port) for port in ports]))
         yield proxy, instances, ports
@@ -311,7 +320,7 @@ async def requests_by_server(proxy: HAProxy) -> dict[str, int]:
 @mysql_only
 @pytest.mark.parametrize("count", [2, 3])
 async def test_writes_spread_over_instances_end_at_their_last_acknowledged_write(db, tmp_path, count):
-    async with instances_behind_haproxy(tmp_path, count, buffer={"flush_interval": 0.3}) as (proxy, instances, _):
+    async with instances_behind_haproxy(tmp_path, *[FAST] * count) as (proxy, instances, _):
         writers = [Writer(n) for n in range(6)]
         async with trio.open_nursery() as nursery:
             for writer in writers:
@@ -330,16 +339,9 @@ async def test_an_instance_killed_and_replayed_after_newer_writes_loses_nothing_
     through the others, whose newer writes are flushed; then it starts again on its state,
     replays its older writes and flushes them: every task ends at its last acknowledged
     write, those written only through the dead instance included."""
-    holding = {"flush_interval": 30, "flush_rows": 100_000}
-    async with contextlib.AsyncExitStack() as stack:
-        ports = [free_port() for _ in range(count)]
-        first = await stack.enter_async_context(persistd_process(
-            tmp_path / "instance0", port=ports[0], state={"instance_id": 1}, buffer=holding))
-        others = [await stack.enter_async_context(persistd_process(
-            tmp_path / f"instance{i}", port=port, state={"instance_id": i + 1}, buffer={"flush_interval": 0.3}))
-            for i, port in enumerate(ports) if i]
-        proxy = await stack.enter_async_context(HAProxy(tmp_path / "haproxy", free_port(),
-                                                        [("127.0.0.1", port) for port in ports]))
+    holding = {"buffer": {"flush_interval": 30, "flush_rows": 100_000}}
+    async with instances_behind_haproxy(tmp_path, holding, *[FAST] * (count - 1)) as (proxy, instances, ports):
+        first, others = instances[0], instances[1:]
         only_first = Writer(99)
         await only_first.run(first.url, range(3))  # these tasks are written through instance 0 alone
         writers = [Writer(n) for n in range(6)]
@@ -355,8 +357,7 @@ async def test_an_instance_killed_and_replayed_after_newer_writes_loses_nothing_
                 nursery.start_soon(writer.run, proxy.url, range(12), kill_after_round_4 if writer.number == 0 else None)
         assert killed.is_set()
         await flush_each(others)  # what has its session written (the others' sessions' tasks wait for instance 0)
-        async with persistd_process(tmp_path / "instance0", port=ports[0], state={"instance_id": 1},
-                                    buffer=holding) as again:
+        async with persistd_process(tmp_path / "instance0", port=ports[0], **instance_config(0, holding)) as again:
             await flush_every([again, *others])
             replayed = re.findall(r"journal replayed: (\d+) rows", again.log())
             assert replayed and int(replayed[-1]) >= 3 * only_first.tasks, again.log()[-2000:]
@@ -478,14 +479,8 @@ async def test_galera_a_node_killed_under_load_and_rejoining_loses_no_acknowledg
     async with GaleraCluster(tmp_path / "galera", free_port_block(12)) as cluster:
         hosts = [f"127.0.0.1:{port}" for port in cluster.ports]
         urls = [f"mysql://root@{','.join(hosts)}/persistd", f"mysql://root@{','.join(hosts[1:] + hosts[:1])}/persistd"]
-        ports = [free_port() for _ in urls]
-        async with contextlib.AsyncExitStack() as stack:
-            instances = [await stack.enter_async_context(persistd_process(
-                tmp_path / f"instance{i}", port=port, state={"instance_id": i + 1}, database={"url": url},
-                buffer={"flush_interval": 0.3}))
-                for i, (port, url) in enumerate(zip(ports, urls))]
-            proxy = await stack.enter_async_context(HAProxy(tmp_path / "haproxy", free_port(),
-                                                            [("127.0.0.1", port) for port in ports]))
+        async with instances_behind_haproxy(tmp_path, *[{**FAST, "database": {"url": url}} for url in urls]) \
+                as (proxy, instances, _):
             writers = [Writer(n) for n in range(6)]
             degraded: list = []
             watched = trio.Event()
