@@ -34,7 +34,8 @@ from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_W
                               JSON_COLUMNS, KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER,
                               TASK_STATS, TASKS, TIME_COLUMNS, UNFINISHED, Query, Reads, Table, decode_json_columns,
                               drifted, group_by_shape, hour_floor, read_schema, reconcile_slice, sessions_after,
-                              split_held, stats_from, version_columns, version_values, written)
+                              split_held, stats_from, upsert_columns, version_columns, version_values,
+                              versioned_updates, written)
 
 
 DB_ERRORS = (trio_mysql.MySQLError, OSError, trio.TooSlowError, trio.BrokenResourceError)
@@ -194,20 +195,9 @@ def row_literal(values: list[Any]) -> bytes:
 @functools.cache
 def statement_frame(table: Table, shape: tuple[str, ...]) -> tuple[bytes, bytes]:
     """INSERT head and ON DUPLICATE KEY UPDATE tail for rows that carry the optional fields
-    `shape`. Only the columns a row carries are updated, each only by a newer version: the
-    required ones and updated_at by a newer row_version, an optional one by a newer version
-    of its own. created_at is the earliest. MySQL assigns left to right, each assignment
-    seeing the ones before: the versions come last."""
-    columns = (*table.required, *shape, "created_at", "updated_at", "row_version",
-               *(f"{name}_version" for name in shape))
-    head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in columns)}) VALUES "
-    newer = "VALUES(row_version) > row_version"
-    updates = [f"`{c}` = IF({newer}, VALUES(`{c}`), `{c}`)" for c in (*table.required, "updated_at") if c != table.key]
-    for name in shape:
-        updates.append(f"`{name}` = IF(VALUES({name}_version) > {name}_version, VALUES(`{name}`), `{name}`)")
-        updates.append(f"{name}_version = GREATEST({name}_version, VALUES({name}_version))")
-    updates += ["created_at = LEAST(created_at, VALUES(created_at))",
-                "row_version = GREATEST(row_version, VALUES(row_version))"]
+    `shape`, each field changed only by a newer version (storage.versioned_updates)."""
+    head = f"INSERT INTO {table.name} ({', '.join(f'`{c}`' for c in upsert_columns(table, shape))}) VALUES "
+    updates = versioned_updates(table, shape, lambda c: f"VALUES(`{c}`)", "IF({}, {}, {})", "GREATEST", "LEAST")
     return head.encode(), (" ON DUPLICATE KEY UPDATE " + ", ".join(updates)).encode()
 
 

@@ -27,7 +27,8 @@ from persistd.storage import (CLEANUP_CHUNK_SESSIONS, CLEANUP_DRY_RUN, CLEANUP_W
                               KEPT_COUNTS, RESTORED_FIELDS, SESSIONS, SESSIONS_BY_STATUS, SHEET_ORDER, TASK_STATS,
                               TASKS, UNFINISHED, Query, Reads, Table, decode_json_columns, drifted, group_by_shape,
                               read_schema, reconcile_slice, sessions_after, split_held, stats_from,
-                              unknown_sessions, version_columns, version_values, written)
+                              unknown_sessions, upsert_columns, version_columns, version_values, versioned_updates,
+                              written)
 
 # Primary result codes (the low byte of sqlite_errorcode) that say the file is busy, locked,
 # read-only, full or away for now: a flush failing with one is retried. Any other error (no
@@ -94,16 +95,10 @@ def page(conn: sqlite3.Connection, total: Query, rows: Query) -> tuple[int, list
 
 def upsert_sql(table: Table, shape: tuple[str, ...]) -> str:
     """INSERT ... ON CONFLICT DO UPDATE of the columns a row with the optional fields `shape`
-    carries, each only by a newer version, as in MySQL (persistd.mysql.statement_frame);
-    created_at is the earliest. SQLite's SET reads the row as it was before the update."""
-    columns = (*table.required, *shape, "created_at", "updated_at", "row_version", *(f"{n}_version" for n in shape))
-    newer = "excluded.row_version > row_version"
-    updates = [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {c} END"
-               for c in (*table.required, "updated_at") if c != table.key]
-    for name in shape:
-        updates += [f"{name} = CASE WHEN excluded.{name}_version > {name}_version THEN excluded.{name} ELSE {name} END",
-                    f"{name}_version = MAX({name}_version, excluded.{name}_version)"]
-    updates += ["created_at = MIN(created_at, excluded.created_at)", "row_version = MAX(row_version, excluded.row_version)"]
+    carries, each field changed only by a newer version (storage.versioned_updates)."""
+    columns = upsert_columns(table, shape)
+    updates = versioned_updates(table, shape, lambda c: f"excluded.{c}", "CASE WHEN {} THEN {} ELSE {} END",
+                                "MAX", "MIN")
     return (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             f" ON CONFLICT ({table.key}) DO UPDATE SET {', '.join(updates)}")
 

@@ -126,6 +126,33 @@ def version_values(entry: Entry, shape: tuple[str, ...]) -> list[int]:
     return [entry.version, *(entry.field_version(name) for name in shape)]
 
 
+def upsert_columns(table: Table, shape: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns an upsert of rows that carry the optional fields `shape` writes, in the
+    order of their values: the fields, the times, then version_values()."""
+    return (*table.required, *shape, "created_at", "updated_at", "row_version",
+            *(f"{name}_version" for name in shape))
+
+
+def versioned_updates(table: Table, shape: tuple[str, ...], incoming: typing.Callable[[str], str],
+                      pick: str, greatest: str, least: str) -> list[str]:
+    """The assignments of an upsert's update, in the dialect that names the value written to
+    a column `incoming(column)`, a choice `pick.format(condition, then, otherwise)` and the
+    larger and smaller of two `greatest` and `least`. Only the columns a row carries are
+    updated, each only by a newer version: the required ones and updated_at by a newer
+    row_version, an optional one by a newer version of its own; created_at is the earliest.
+    The versions come last: MySQL assigns left to right, each assignment seeing the ones
+    before (SQLite's reads the row as it was)."""
+    def newer(version: str) -> str:
+        return f"{incoming(version)} > {version}"
+    updates = [f"{c} = {pick.format(newer('row_version'), incoming(c), c)}"
+               for c in (*table.required, "updated_at") if c != table.key]
+    for name in shape:
+        updates += [f"{name} = {pick.format(newer(f'{name}_version'), incoming(name), name)}",
+                    f"{name}_version = {greatest}({name}_version, {incoming(f'{name}_version')})"]
+    return updates + [f"created_at = {least}(created_at, {incoming('created_at')})",
+                      f"row_version = {greatest}(row_version, {incoming('row_version')})"]
+
+
 def group_by_shape(table: Table, entries: typing.Iterable[Entry]) -> dict[tuple[str, ...], list[Entry]]:
     """Rows that carry the same optional fields share a statement."""
     groups: dict[tuple[str, ...], list[Entry]] = {}
